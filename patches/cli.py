@@ -1,0 +1,48 @@
+"""Patch of ``vllm.engine.arg_utils.EngineArgs.add_cli_args`` (vLLM 0.6.2): ``--model-impl``.
+
+``vllm serve`` and ``python -m vllm.entrypoints.openai.api_server`` build their parser through
+``AsyncEngineArgs.add_cli_args``, which calls ``EngineArgs.add_cli_args`` by attribute, so one patch
+covers every entry point. The parser is built before any vLLM plugin loads: this patch must be in
+place at import time (the start-up hook sees to it).
+"""
+from __future__ import annotations
+
+from ._base import Patch, is_wrapped, require_parameters, wrap
+from .engine_args import DEFAULT_MODEL_IMPL, MODEL_IMPLS
+
+
+class CliPatch(Patch):
+    name = "cli"
+    target = "vllm.engine.arg_utils.EngineArgs.add_cli_args: --model-impl"
+
+    def _owner(self):
+        from vllm.engine.arg_utils import EngineArgs
+
+        return EngineArgs
+
+    def is_applied(self) -> bool:
+        return is_wrapped(self._owner().__dict__["add_cli_args"], self.name)
+
+    def _apply(self) -> None:
+        owner = self._owner()
+        require_parameters(owner.add_cli_args, ["parser"], self.target)
+
+        def make(original):
+            def add_cli_args(parser, *args, **kwargs):
+                parser = original(parser, *args, **kwargs)
+                if "--model-impl" not in getattr(parser, "_option_string_actions", {}):
+                    parser.add_argument(
+                        "--model-impl",
+                        type=str.lower,
+                        choices=list(MODEL_IMPLS),
+                        default=DEFAULT_MODEL_IMPL,
+                        help="Which implementation of the model to use. 'vllm': vLLM's own model; "
+                        "'transformers': the Hugging Face implementation through "
+                        "vllm-transformers-backend; 'auto': vLLM's own if vLLM has the architecture, "
+                        "the Transformers backend otherwise.",
+                    )
+                return parser
+
+            return add_cli_args
+
+        wrap(owner, "add_cli_args", self.name, make, static=True)

@@ -1,0 +1,70 @@
+"""Start-up hook: patch vLLM the moment it is imported, in every process.
+
+``vllm_transformers_backend.pth`` (installed into site-packages) imports this module when Python
+starts. It must stay cheap: it imports neither torch nor vLLM. It puts a finder on ``sys.meta_path``
+that, when ``vllm`` is imported, lets the import finish and then applies the patches, so that
+``EngineArgs(model_impl=...)`` and ``--model-impl`` exist before any user code or CLI parser sees them.
+That also covers processes vLLM spawns (``vllm serve``'s engine, multiprocessing and Ray workers).
+
+Set ``VLLM_TRANSFORMERS_BACKEND_DISABLE=1`` to leave vLLM untouched.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import os
+import sys
+
+DISABLE_ENV = "VLLM_TRANSFORMERS_BACKEND_DISABLE"
+
+
+def _apply_patches(origin: str) -> None:
+    from vllm_transformers_backend.patches import apply_all
+
+    apply_all(origin=origin)
+
+
+class _PatchAfterExec(importlib.abc.Loader):
+    """Delegates to vLLM's own loader, then patches the freshly executed package."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._inner.exec_module(module)
+        _apply_patches("import hook")
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class VllmImportHook(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "vllm":
+            return None
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]  # one vLLM import per process
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PatchAfterExec(spec.loader)
+        return spec
+
+
+def install() -> None:
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return
+    if "vllm" in sys.modules:
+        _apply_patches("late start-up hook")
+        return
+    if not any(isinstance(f, VllmImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, VllmImportHook())
+
+
+install()

@@ -1,0 +1,103 @@
+"""Attention: the ``"vllm"`` entry of transformers' ``ALL_ATTENTION_FUNCTIONS``.
+
+HF attention modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, q, k, v,
+attention_mask, scaling=..., **kwargs)``. vLLM 0.6.2 has no forward context: its ``Attention.forward``
+needs the layer's KV cache and the step's metadata as arguments. The backend's ``forward`` therefore
+opens an :class:`AttentionContext` (per-layer ``Attention`` instances, this step's KV caches and
+metadata) for the duration of the HF call; the attention function finds the layer's instance through
+it. The context is a plain module global, readable from anywhere (MLU attention backends that look
+for a global forward context, CUDA-graph capture, which runs the Python once), and always cleared.
+
+With no context (the HF model called outside the engine) the function falls back to SDPA with the mask
+the HF code passed.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Set
+
+import torch
+
+ATTN_IMPLEMENTATION = "vllm"
+
+
+class AttentionContext:
+    """What one forward step's attention calls need: instances, KV caches, metadata."""
+
+    __slots__ = ("instances", "kv_caches", "attn_metadata", "start_layer", "called")
+
+    def __init__(
+        self,
+        instances: Dict[int, Any],
+        kv_caches: List[Optional[torch.Tensor]],
+        attn_metadata: Any,
+        start_layer: int = 0,
+        record_calls: bool = False,
+    ) -> None:
+        self.instances = instances
+        self.kv_caches = kv_caches
+        self.attn_metadata = attn_metadata
+        self.start_layer = start_layer
+        #: Layers whose attention ran through the interface; recorded on the first step only.
+        self.called: Optional[Set[int]] = set() if record_calls else None
+
+
+_ACTIVE: Optional[AttentionContext] = None
+
+
+def get_attention_context() -> Optional[AttentionContext]:
+    return _ACTIVE
+
+
+@contextlib.contextmanager
+def attention_context(ctx: AttentionContext) -> Iterator[AttentionContext]:
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, ctx
+    try:
+        yield ctx
+    finally:
+        _ACTIVE = previous
+
+
+def vllm_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+):
+    """``[1, heads, tokens, head_dim]`` in, ``[tokens, heads * head_dim]`` out (HF reshapes it back)."""
+    ctx = _ACTIVE
+    if ctx is None:
+        return sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    layer_idx = module.layer_idx
+    attn = ctx.instances[layer_idx]
+    num_tokens = query.shape[-2]
+    q = query.transpose(1, 2).reshape(num_tokens, -1)
+    k = key.transpose(1, 2).reshape(num_tokens, -1)
+    v = value.transpose(1, 2).reshape(num_tokens, -1)
+    out = attn(q, k, v, ctx.kv_caches[layer_idx - ctx.start_layer], ctx.attn_metadata)
+    if ctx.called is not None:
+        ctx.called.add(layer_idx)
+    return out, None
+
+
+def sdpa_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def register_attention_function() -> None:
+    """Adds ``"vllm"`` to ``ALL_ATTENTION_FUNCTIONS`` (idempotent; needs transformers >= 4.48)."""
+    from .compat import attention_functions
+
+    functions = attention_functions()
+    register = getattr(functions, "register", None)
+    if register is not None:
+        register(ATTN_IMPLEMENTATION, vllm_attention_forward)
+    else:  # 4.48-4.49: a plain mapping
+        functions[ATTN_IMPLEMENTATION] = vllm_attention_forward

@@ -1,0 +1,61 @@
+"""``TransformersForCausalLM``: decoder-only generation through the backend."""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.sampler import Sampler
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.sampling_metadata import SamplingMetadata
+
+from . import compat
+from .base import Base
+
+
+def logit_scale_of(text_config: Any) -> float:
+    """The factor HF's causal head multiplies logits by (Cohere ``logit_scale``, Granite's divisor)."""
+    scale = getattr(text_config, "logit_scale", None)
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    divisor = getattr(text_config, "logits_scaling", None)
+    if isinstance(divisor, (int, float)) and divisor:
+        return 1.0 / float(divisor)
+    return 1.0
+
+
+class TransformersForCausalLM(Base):
+    hf_auto_class = "AutoModelForCausalLM"
+
+    def _post_init(self, hf_model: nn.Module) -> None:
+        text_config = self.text_config
+        vocab_size = text_config.vocab_size
+        head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+        has_bias = head is not None and getattr(head, "bias", None) is not None
+        self.lm_head = ParallelLMHead(
+            vocab_size, text_config.hidden_size, bias=has_bias, quant_config=self.quant_config, prefix="lm_head"
+        )
+        self.tie_word_embeddings = compat.ties_word_embeddings(self.config)
+        if self.tie_word_embeddings:
+            embedding = self.model.get_input_embeddings()
+            if not isinstance(embedding, VocabParallelEmbedding):
+                raise ValueError(f"cannot tie lm_head to {type(embedding).__name__}")
+            self.lm_head.weight = embedding.weight
+        self.logits_processor = LogitsProcessor(
+            vocab_size,
+            vocab_size,
+            logit_scale_of(text_config),
+            soft_cap=getattr(text_config, "final_logit_softcapping", None),
+        )
+        self.sampler = Sampler()
+
+    def _skipped_weights(self) -> Tuple[str, ...]:
+        return ("lm_head.weight",) if self.tie_word_embeddings else ()
+
+    def compute_logits(self, hidden_states: torch.Tensor, sampling_metadata: SamplingMetadata) -> Optional[torch.Tensor]:
+        return self.logits_processor(self.lm_head, hidden_states, sampling_metadata, getattr(self.lm_head, "bias", None))
+
+    def sample(self, logits: torch.Tensor, sampling_metadata: SamplingMetadata):
+        return self.sampler(logits, sampling_metadata)

@@ -1,0 +1,110 @@
+"""Versions of transformers, vLLM and torch, and the few API differences between them.
+
+Every version check of the backend lives here, so that the rest of the code asks questions
+("which dtype keyword does from_config take?") instead of comparing version strings.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from typing import Any, Dict, Optional
+
+from packaging.version import Version
+
+#: transformers 4.48 introduced ``ALL_ATTENTION_FUNCTIONS``, which the backend plugs into.
+MIN_TRANSFORMERS = Version("4.48.0")
+#: The vLLM release whose internals the patches know. Forks carry local suffixes (``0.6.2+cpu``,
+#: ``0.6.2+mlu...``); they compare by base version.
+SUPPORTED_VLLM = Version("0.6.2")
+
+
+class UnsupportedVersionError(RuntimeError):
+    """A dependency is installed in a version the backend cannot work with."""
+
+
+@functools.lru_cache(maxsize=None)
+def installed_version(dist: str) -> Optional[Version]:
+    try:
+        return Version(importlib.metadata.version(dist))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def vllm_version_string() -> str:
+    # vllm.__version__ says 0.6.1.dev238 in the 0.6.2 wheel; the distribution metadata is right.
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def vllm_is_supported() -> bool:
+    version = installed_version("vllm")
+    return version is not None and Version(version.base_version) == SUPPORTED_VLLM
+
+
+def check_vllm() -> None:
+    if not vllm_is_supported():
+        raise UnsupportedVersionError(
+            f"vllm-transformers-backend patches vLLM {SUPPORTED_VLLM} (and forks of it) only, but vLLM "
+            f"{vllm_version_string()} is installed. Install vllm==0.6.2 (or your vendor's 0.6.2 fork); "
+            "newer vLLM releases ship their own Transformers backend (model_impl='transformers')."
+        )
+
+
+def transformers_version() -> Version:
+    version = installed_version("transformers")
+    if version is None:
+        raise UnsupportedVersionError("transformers is not installed: pip install 'transformers>=4.48'")
+    return version
+
+
+def is_transformers_v5() -> bool:
+    return transformers_version().major >= 5
+
+
+def check_transformers() -> None:
+    version = transformers_version()
+    if Version(version.base_version) < MIN_TRANSFORMERS:
+        raise UnsupportedVersionError(
+            f"The Transformers backend needs transformers>={MIN_TRANSFORMERS} (the first release with the "
+            f"attention interface ALL_ATTENTION_FUNCTIONS), but transformers {version} is installed. "
+            f"Fix: pip install 'transformers>={MIN_TRANSFORMERS}', or use model_impl='vllm' for a model "
+            "vLLM supports natively."
+        )
+
+
+def dtype_kwargs(dtype: Any) -> Dict[str, Any]:
+    """The keyword ``from_config``/``from_pretrained`` take for the dtype (``dtype`` from v5 on)."""
+    return {"dtype": dtype} if is_transformers_v5() else {"torch_dtype": dtype}
+
+
+def set_config_dtype(config: Any, dtype: Any) -> None:
+    setattr(config, "dtype" if is_transformers_v5() else "torch_dtype", dtype)
+
+
+def get_text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def ties_word_embeddings(config: Any) -> bool:
+    """v4 keeps the flag on the text config, v5 on the top-level config; either counts."""
+    text_config = get_text_config(config)
+    return bool(getattr(text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+
+
+def attention_functions() -> Any:
+    check_transformers()
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS
+
+
+def mask_functions() -> Optional[Any]:
+    """``ALL_MASK_ATTENTION_FUNCTIONS`` (transformers >= 4.53), or None before masks were pluggable."""
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:
+        return None
+    return ALL_MASK_ATTENTION_FUNCTIONS

@@ -1,0 +1,50 @@
+"""Which model class vLLM builds: ``model_impl`` resolution.
+
+``transformers`` forces the backend, ``vllm`` forces vLLM's own model, ``auto`` takes vLLM's own when
+vLLM 0.6.2 has one of the config's architectures and the backend otherwise. Called by the patched
+``get_model_architecture`` at model load and per request (input processing), so it is cheap and always
+returns the same class object for the same model.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Set, Tuple, Type
+
+from torch import nn
+
+_logged: Set[Tuple[str, str, str]] = set()
+
+
+def _log_choice(model_config: Any, impl: str, choice: str, arch: str) -> None:
+    key = (str(getattr(model_config, "model", "")), impl, choice)
+    if key in _logged:
+        return
+    _logged.add(key)
+    from vllm.logger import init_logger
+
+    init_logger(__name__).info("model_impl=%r: %s runs %s for %s", impl, arch, choice, key[0])
+
+
+def native_architecture(architectures: list) -> str | None:
+    from vllm.model_executor.models import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    return next((a for a in architectures if a in supported), None)
+
+
+def backend_class(model_config: Any) -> Type[nn.Module]:
+    from .causal import TransformersForCausalLM
+
+    return TransformersForCausalLM
+
+
+def resolve_model_architecture(model_config: Any, native: Callable[[Any], Tuple[Type[nn.Module], str]]):
+    impl = getattr(model_config, "model_impl", "auto")
+    architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
+    if impl == "vllm" or (impl == "auto" and native_architecture(architectures)):
+        cls, arch = native(model_config)
+        _log_choice(model_config, impl, f"vLLM's own {cls.__name__}", arch)
+        return cls, arch
+    cls = backend_class(model_config)
+    arch = architectures[0] if architectures else cls.__name__
+    _log_choice(model_config, impl, f"the Transformers backend ({cls.__name__})", arch)
+    return cls, arch

@@ -1,0 +1,145 @@
+"""Checkpoint names -> backend parameter names, and a strict loader.
+
+vLLM 0.6.2 has no ``WeightsMapper``/``AutoWeightsLoader`` and never checks that a checkpoint was
+fully used. :class:`WeightsMapper` renames with ordered regex rules and then tries prefix variants
+against the parameters that exist, so that checkpoints saved with, without or with another base-model
+prefix all load. :func:`load_weights` refuses a checkpoint with keys that map nowhere and a model with
+parameters the checkpoint did not fill, listing them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Pattern, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+
+#: Buffers HF computes at construction that old checkpoints still carry.
+_COMPUTED_BUFFERS = (r"\.rotary_emb\.inv_freq$", r"(^|\.)rotary_emb\.", r"\.attn\.masked_bias$")
+
+
+class WeightsLoadingError(ValueError):
+    """The checkpoint and the model do not correspond."""
+
+
+@dataclass
+class WeightsMapper:
+    """Ordered renaming rules, then prefix resolution against the model's own names.
+
+    ``renames``: (regex, replacement) applied in order with ``re.sub`` (transformers v4
+    ``_checkpoint_conversion_mapping``, v5 ``WeightRenaming``, legacy ``gamma``/``beta``).
+    ``prefixes``: (checkpoint prefix, model prefix) pairs tried when the renamed key is not a
+    parameter as is, e.g. ``("transformer.", "model.")`` for GPT-2 or ``("", "model.")`` for a base
+    model saved without prefix.
+    ``ignore``: regexes (searched) of checkpoint keys that are skipped on purpose.
+    """
+
+    renames: List[Tuple[Pattern, str]] = field(default_factory=list)
+    prefixes: List[Tuple[str, str]] = field(default_factory=list)
+    ignore: List[Pattern] = field(default_factory=list)
+
+    def add_rename(self, pattern: str, replacement: str) -> None:
+        self.renames.append((re.compile(pattern), replacement))
+
+    def add_ignore(self, pattern: str) -> None:
+        self.ignore.append(re.compile(pattern))
+
+    def is_ignored(self, name: str) -> bool:
+        return any(p.search(name) for p in self.ignore)
+
+    def candidates(self, name: str) -> List[str]:
+        for pattern, replacement in self.renames:
+            name = pattern.sub(replacement, name)
+        found = [name]
+        for ckpt_prefix, model_prefix in self.prefixes:
+            if name.startswith(ckpt_prefix):
+                found.append(model_prefix + name[len(ckpt_prefix):])
+        return found
+
+    def map(self, name: str, targets: Set[str] | Dict[str, object]) -> Optional[str]:
+        """The model name this checkpoint key loads into, or None if it maps nowhere."""
+        for candidate in self.candidates(name):
+            if candidate in targets:
+                return candidate
+        return None
+
+
+def legacy_renames(mapper: WeightsMapper) -> None:
+    """LayerNorm ``gamma``/``beta`` of old TF-ported checkpoints (transformers v4 renames them too)."""
+    mapper.add_rename(r"\.gamma$", ".weight")
+    mapper.add_rename(r"\.beta$", ".bias")
+
+
+def computed_buffer_ignores(mapper: WeightsMapper) -> None:
+    for pattern in _COMPUTED_BUFFERS:
+        mapper.add_ignore(pattern)
+
+
+def _default_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise WeightsLoadingError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def load_weights(
+    module: nn.Module,
+    weights: Iterable[Tuple[str, torch.Tensor]],
+    mapper: WeightsMapper,
+    *,
+    skip: Sequence[str] = (),
+    optional: Sequence[str] = (),
+) -> Set[str]:
+    """Loads ``weights`` into ``module``'s parameters (and persistent buffers) through ``mapper``.
+
+    ``skip``: model names whose checkpoint entries are dropped (a tied ``lm_head.weight``).
+    ``optional``: model names that may stay unloaded. Returns the loaded names.
+    """
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers())
+    targets = {**buffers, **params}
+    skip_set, loaded, unmapped = set(skip), set(), []
+    for name, tensor in weights:
+        if mapper.is_ignored(name):
+            continue
+        target = mapper.map(name, targets)
+        if target is None:
+            unmapped.append(name)
+            continue
+        if target in skip_set:
+            continue
+        if target in params:
+            param = params[target]
+            loader = getattr(param, "weight_loader", _default_loader)
+            try:
+                loader(param, tensor)
+            except (AssertionError, RuntimeError, WeightsLoadingError) as exc:
+                raise WeightsLoadingError(
+                    f"checkpoint tensor {name!r} {tuple(tensor.shape)} does not fit parameter {target!r} "
+                    f"{tuple(param.shape)}: {exc}"
+                ) from exc
+        else:
+            buffer = buffers[target]
+            if buffer.shape != tensor.shape:
+                continue  # a buffer HF recomputes (causal masks of old GPT-2 checkpoints and the like)
+            buffer.copy_(tensor)
+        loaded.add(target)
+    if unmapped:
+        raise WeightsLoadingError(
+            f"{len(unmapped)} checkpoint tensor(s) map to no parameter of {type(module).__name__}: "
+            f"{_preview(unmapped)}. The checkpoint does not match the model's architecture, or it needs a "
+            "renaming rule; parameters look like: " + _preview(sorted(params))
+        )
+    missing = sorted(n for n in params if n not in loaded and n not in skip_set and n not in set(optional))
+    if missing:
+        raise WeightsLoadingError(
+            f"{len(missing)} parameter(s) of {type(module).__name__} got no weights from the checkpoint: "
+            f"{_preview(missing)}. The checkpoint is incomplete or saved under other names."
+        )
+    return loaded
+
+
+def _preview(names: Sequence[str], limit: int = 12) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

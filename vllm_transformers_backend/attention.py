@@ -69,7 +69,7 @@ def vllm_attention_forward(
     dropout: float = 0.0,
     **kwargs: Any,
 ):
-    """``[1, heads, tokens, head_dim]`` in, ``[tokens, heads * head_dim]`` out (HF reshapes it back)."""
+    """``[1, heads, tokens, head_dim]`` in, ``[1, tokens, heads, head_dim]`` out, as HF's own functions."""
     ctx = _ACTIVE
     if ctx is None:
         return sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -82,7 +82,7 @@ def vllm_attention_forward(
     out = attn(q, k, v, ctx.kv_caches[layer_idx - ctx.start_layer], ctx.attn_metadata)
     if ctx.called is not None:
         ctx.called.add(layer_idx)
-    return out, None
+    return out.view(1, num_tokens, -1, query.shape[-1]), None
 
 
 def sdpa_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -100,7 +100,7 @@ class Base(nn.Module):
         hf_model = self._build_hf_model()
         self.hf_model_class = type(hf_model)
         self._output_embedding_names = self._output_embedding_qualnames(hf_model)
-        self.model: nn.Module = getattr(hf_model, hf_model.base_model_prefix, hf_model)
+        self._checkpoint_prefix, self.model = self._base_model_of(hf_model)
         self._check_attention_backend_support(hf_model)
         self._replace_modules()
         self.attention_instances: Dict[int, Attention] = self._create_attention_instances()
@@ -146,6 +146,19 @@ class Base(nn.Module):
         flag = getattr(type(hf_model), "_supports_attention_backend", None)
         if flag is False:
             raise BackendError(self._no_attention_interface_message("_supports_attention_backend is False"))
+
+    @staticmethod
+    def _base_model_of(hf_model: nn.Module) -> Tuple[str, nn.Module]:
+        """The body the wrapper calls and the attribute name it has in HF checkpoints."""
+        prefix = getattr(hf_model, "base_model_prefix", "")
+        body = getattr(hf_model, prefix, None) if prefix else None
+        if body is None:
+            getter = getattr(hf_model, "get_decoder", None)
+            body = getter() if callable(getter) else None
+        if body is None or body is hf_model:
+            return "", hf_model
+        name = next((n for n, child in hf_model.named_children() if child is body), prefix)
+        return name, body
 
     @staticmethod
     def _output_embedding_qualnames(hf_model: nn.Module) -> List[str]:
@@ -317,15 +330,12 @@ class Base(nn.Module):
         for pattern, replacement in (getattr(cls, "_checkpoint_conversion_mapping", None) or {}).items():
             mapper.add_rename(pattern, replacement)
         legacy_renames(mapper)
-        prefix = getattr(cls, "base_model_prefix", "") or "model"
         for name in self._output_embedding_names:
             mapper.prefixes.append((f"{name}.", "lm_head."))
-        mapper.prefixes += [
-            (f"{prefix}.lm_head.", "lm_head."),
-            (f"{prefix}.", "model."),
-            (f"{prefix}.", ""),
-            ("", "model."),
-        ]
+        prefixes = [p for p in dict.fromkeys((self._checkpoint_prefix, getattr(cls, "base_model_prefix", ""))) if p]
+        for prefix in prefixes:
+            mapper.prefixes += [(f"{prefix}.lm_head.", "lm_head."), (f"{prefix}.", "model."), (f"{prefix}.", "")]
+        mapper.prefixes.append(("", "model."))
         for pattern in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ():
             mapper.add_ignore(pattern)
         computed_buffer_ignores(mapper)

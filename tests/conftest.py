@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny checkpoints built on disk, HF references and vLLM engines on the CPU."""
+from __future__ import annotations
+
+import os
+
+# vLLM reads these at import; keep the CPU engine small and quiet in tests.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
+
+import pytest  # noqa: E402
+
+from tests import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """``checkpoints(name)`` -> path of a tiny random checkpoint of that architecture (built once)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = helpers.build_checkpoint(name, root / name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    path = helpers.bundled_model("SmolLM2-135M-Instruct")
+    if path is None:
+        pytest.fail("the bundled SmolLM2 is missing: run scripts/setup_cpu_env.sh (it prepares the models)")
+    return path

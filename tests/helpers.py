@@ -1,0 +1,154 @@
+"""Test helpers: tiny architectures, HF greedy references, vLLM engines run and torn down."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+MODELS_DIR = Path(os.environ.get("VTB_CACHE", Path.home() / ".cache/vllm-transformers-backend")) / "models"
+
+#: Prompts as token ids (tiny random models have no tokenizer); mixed lengths.
+PROMPTS: List[List[int]] = [
+    [1, 5, 7, 9, 11, 13],
+    [3, 4],
+    [100, 200, 300, 400, 250, 6, 7, 8, 9, 10, 11],
+    [42] * 20,
+    [17, 300, 12, 11, 250, 499, 2, 3, 4],
+]
+
+_COMMON = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=2, max_position_embeddings=512)
+
+
+def _cfg(cls_name: str, **overrides: Any):
+    import transformers
+
+    return getattr(transformers, cls_name)(**{**_COMMON, **overrides})
+
+
+#: name -> (config factory, whether vLLM 0.6.2 has a native implementation usable on the CPU)
+ARCHITECTURES: Dict[str, tuple] = {
+    # GQA, untied
+    "llama": (lambda: _cfg("LlamaConfig", num_key_value_heads=1, tie_word_embeddings=False), True),
+    # q/k/v biases, tied embeddings
+    "qwen2": (lambda: _cfg("Qwen2Config", num_key_value_heads=1, tie_word_embeddings=True), True),
+    # Gemma norms (1 + w), hidden-size normaliser, GeGLU, tied
+    "gemma": (lambda: _cfg("GemmaConfig", num_key_value_heads=1, head_dim=64, hidden_activation="gelu_pytorch_tanh"), True),
+    # final logit soft-cap, query_pre_attn_scalar scaling, interleaved sliding window (never reached)
+    "gemma2": (lambda: _cfg("Gemma2Config", num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=32,
+                            final_logit_softcapping=5.0, attn_logit_softcapping=None, sliding_window=512,
+                            hidden_act="gelu_pytorch_tanh",  # vLLM 0.6.2's Gemma2 still reads it
+                            hidden_activation="gelu_pytorch_tanh"), True),
+    # embed_scale inside the embedding module, q/k norms; no native vLLM 0.6.2 implementation
+    "gemma3": (lambda: _cfg("Gemma3TextConfig", num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
+                            sliding_window=512, final_logit_softcapping=None, attn_logit_softcapping=None), False),
+    # GPT-2 Conv1D projections, learned positions, tied (vLLM's native GPT-2 crashes on this CPU build)
+    "gpt2": (lambda: _cfg("GPT2Config", n_embd=128, n_layer=2, n_head=2, n_positions=512, vocab_size=512), False),
+    # partial rotary (rotary_pct), untied embed_out, parallel residual (native crashes on this CPU build)
+    "gpt_neox": (lambda: _cfg("GPTNeoXConfig", rotary_pct=0.25, tie_word_embeddings=False), False),
+    # logit_scale, LayerNorm, tied
+    "cohere": (lambda: _cfg("CohereConfig", num_key_value_heads=1, logit_scale=0.5), True),
+    # logits_scaling (divides), embedding/residual/attention multipliers
+    "granite": (lambda: _cfg("GraniteConfig", num_key_value_heads=1, logits_scaling=2.0, embedding_multiplier=3.0,
+                             residual_multiplier=0.5, attention_multiplier=0.1, tie_word_embeddings=False), True),
+    # q/k RMSNorms per head; no native vLLM 0.6.2 implementation
+    "qwen3": (lambda: _cfg("Qwen3Config", num_key_value_heads=1, head_dim=64, tie_word_embeddings=True), False),
+    # head_dim=None in the config (vLLM's get_head_size returned None)
+    "mistral": (lambda: _cfg("MistralConfig", num_key_value_heads=1, head_dim=None, sliding_window=None), True),
+}
+
+_CAUSAL_CLASS = {
+    "gemma3": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+}
+
+
+def build_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
+    """Saves a tiny random model of architecture ``name`` (float32 safetensors) to ``path``."""
+    import transformers
+
+    factory, _ = ARCHITECTURES[name]
+    config = factory()
+    config.initializer_range = 0.1  # peaked logits: greedy ties between implementations are unlikely
+    torch.manual_seed(seed)
+    cls_name = _CAUSAL_CLASS.get(name)
+    model = (getattr(transformers, cls_name)(config) if cls_name
+             else transformers.AutoModelForCausalLM.from_config(config)).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def hf_greedy(path: Path, prompts: Sequence[Sequence[int]], max_tokens: int, trust_remote_code: bool = False,
+              auto_class: str = "AutoModelForCausalLM") -> List[List[int]]:
+    """Greedy continuations from HF ``generate`` in float32, one prompt at a time (no padding)."""
+    import transformers
+
+    model = getattr(transformers, auto_class).from_pretrained(path, torch_dtype=torch.float32,
+                                                              trust_remote_code=trust_remote_code).eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos: run every requested step
+    outs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([list(prompt)])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=0)
+            outs.append(gen[0, ids.shape[1]:].tolist())
+    return outs
+
+
+def cleanup_engine() -> None:
+    """Tears down vLLM's process-global state so that another engine can start in this process."""
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+    gc.collect()
+
+
+class Engine:
+    """A CPU ``vllm.LLM`` for tests, always torn down (``with Engine(...) as llm``)."""
+
+    def __init__(self, model: Path | str, model_impl: str = "transformers", **kwargs: Any) -> None:
+        self.args = dict(model=str(model), model_impl=model_impl, device="cpu", dtype="float32",
+                         skip_tokenizer_init=True, max_model_len=256, enforce_eager=True, seed=0)
+        self.args.update(kwargs)
+        self.llm = None
+
+    def __enter__(self):
+        from vllm import LLM
+
+        self.llm = LLM(**self.args)
+        return self.llm
+
+    def __exit__(self, *exc) -> None:
+        del self.llm
+        cleanup_engine()
+
+
+def vllm_model(llm) -> torch.nn.Module:
+    return llm.llm_engine.model_executor.driver_worker.model_runner.model
+
+
+def vllm_greedy(llm, prompts: Sequence[Sequence[int]], max_tokens: int) -> List[List[int]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def greedy(model: Path | str, model_impl: str, prompts, max_tokens: int, **kwargs: Any) -> List[List[int]]:
+    with Engine(model, model_impl, **kwargs) as llm:
+        return vllm_greedy(llm, prompts, max_tokens)
+
+
+def bundled_model(name: str) -> Optional[Path]:
+    path = MODELS_DIR / name
+    return path if (path / ".prepared.json").is_file() else None
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2))

@@ -1,0 +1,106 @@
+"""The import-time patches: present without any import of the package, idempotent, guarded."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_model_impl_exists_after_plain_vllm_import():
+    """Only `import vllm`: the start-up hook (.pth) must have patched EngineArgs, ModelConfig and the CLI."""
+    code = (
+        "import sys\n"
+        "assert 'vllm_transformers_backend.base' not in sys.modules\n"
+        "from vllm.engine.arg_utils import EngineArgs, AsyncEngineArgs\n"
+        "from vllm.entrypoints.openai.cli_args import make_arg_parser\n"
+        "from vllm.utils import FlexibleArgumentParser\n"
+        "assert EngineArgs(model='m', model_impl='transformers').model_impl == 'transformers'\n"
+        "args = make_arg_parser(FlexibleArgumentParser()).parse_args(['--model', 'm', '--model-impl', 'TRANSFORMERS'])\n"
+        "assert AsyncEngineArgs.from_cli_args(args).model_impl == 'transformers'\n"
+        "assert 'torch' in sys.modules\n"
+        "print('OK')\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("OK")
+
+
+def test_start_up_hook_imports_neither_torch_nor_vllm():
+    result = _run("import sys; print('torch' in sys.modules, 'vllm' in sys.modules, "
+                  "any(type(f).__name__ == 'VllmImportHook' for f in sys.meta_path))")
+    assert result.stdout.split() == ["False", "False", "True"], result.stderr
+
+
+def test_disabled_hook_leaves_vllm_untouched():
+    result = _run("from vllm.engine.arg_utils import EngineArgs; EngineArgs(model='m', model_impl='transformers')",
+                  VLLM_TRANSFORMERS_BACKEND_DISABLE="1", VLLM_PLUGINS="")
+    assert result.returncode != 0
+    assert "unexpected keyword argument 'model_impl'" in result.stderr
+
+
+def test_applying_twice_is_harmless():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_transformers_backend.patches import apply_all
+
+    before = EngineArgs.__init__
+    statuses = apply_all()
+    apply_all()
+    assert EngineArgs.__init__ is before
+    assert all(s.applied for s in statuses)
+    assert EngineArgs(model="m").model_impl == "auto"
+
+
+def test_unknown_model_impl_is_a_clear_error():
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(ValueError, match="Unknown model_impl 'hf'.*auto, vllm, transformers"):
+        EngineArgs(model="m", model_impl="hf")
+
+
+def test_cli_rejects_unknown_model_impl():
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.utils import FlexibleArgumentParser
+
+    with pytest.raises(SystemExit):
+        make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", "--model-impl", "hf"])
+
+
+def test_patches_refuse_an_unknown_vllm(monkeypatch):
+    from packaging.version import Version
+
+    from vllm_transformers_backend import compat
+    from vllm_transformers_backend.patches import PATCHES, PatchError, ensure_applied
+
+    monkeypatch.setattr(compat, "installed_version", lambda dist: Version("0.7.3") if dist == "vllm" else None)
+    with pytest.raises(PatchError, match="knows vLLM 0.6.2 only; vLLM .* is installed"):
+        PATCHES[0].apply()
+    with pytest.raises(PatchError, match="needs these patches"):
+        ensure_applied()
+
+
+def test_fork_versions_count_as_their_base(monkeypatch):
+    from packaging.version import Version
+
+    from vllm_transformers_backend import compat
+    from vllm_transformers_backend.patches import PATCHES
+
+    monkeypatch.setattr(compat, "installed_version", lambda dist: Version("0.6.2+mlu.v1.3"))
+    assert all(p.supports_installed_vllm() for p in PATCHES)
+    assert compat.vllm_is_supported()
+
+
+def test_doctor_reports_every_patch():
+    result = subprocess.run([sys.executable, "-m", "vllm_transformers_backend", "doctor"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    for name in ("model_config", "engine_args", "cli", "model_architecture", "model_loader"):
+        assert f"{name}" in result.stdout
+    assert result.stdout.strip().endswith("OK")

@@ -44,9 +44,9 @@ _errors: Dict[str, str] = {}
 
 
 def _logger():
-    from vllm.logger import init_logger
+    from vllm_transformers_backend._logging import get_logger
 
-    return init_logger("vllm_transformers_backend.patches")
+    return get_logger("vllm_transformers_backend.patches")
 
 
 def apply_all(origin: str = "call") -> List[PatchStatus]:

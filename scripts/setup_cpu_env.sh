@@ -120,9 +120,22 @@ have_tf=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version
 if [ "$have_vllm" != "0.6.2+cpu" ] || [ "$have_tf" != "$tf_version" ]; then
   # Pinning transformers in the same command keeps pip from pulling the newest 5.x, which refuses
   # torch 2.4.
-  pip install -q "$wheel" "transformers==$tf_version" 'numpy<2' 2>&1 | grep -v "^WARNING: Location" || true
+  # torch 2.4 is built against NumPy 1.x; the newest pyarrow (pulled through outlines -> datasets) needs
+  # NumPy 2 and breaks the OpenAI server's first request, so both are held back to NumPy-1 releases.
+  pip install -q "$wheel" "transformers==$tf_version" 'numpy<2' 'pyarrow<18' 'datasets<3' 2>&1 \
+    | grep -v "^WARNING: Location" || true
 fi
-pip install -q -e "$repo[test]" "transformers==$tf_version" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q -e "$repo[test]" "transformers==$tf_version" 'numpy<2' 'pyarrow<18' 'datasets<3' 2>&1 | grep -v "^WARNING: Location" || true
+# outlines 0.0.46 (vLLM's guided decoding, imported on every OpenAI-server request) imports
+# `pyairports.airports`, but PyPI's only pyairports (0.0.1) ships no such module (and installs a top-level
+# `tests` package). Give outlines the one name it reads, inside the venv.
+if ! "$venv/bin/python" -c 'import pyairports.airports' 2>/dev/null; then
+  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  mkdir -p "$site/pyairports"
+  echo '"""Stand-in written by scripts/setup_cpu_env.sh: outlines reads AIRPORT_LIST only."""' > "$site/pyairports/__init__.py"
+  echo 'AIRPORT_LIST = []' > "$site/pyairports/airports.py"
+fi
+"$venv/bin/python" -c 'import outlines' || { echo "outlines does not import: vLLM's OpenAI server would fail" >&2; exit 1; }
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as m
 print("    vllm", m.version("vllm"), "| transformers", m.version("transformers"), "| torch", m.version("torch"))

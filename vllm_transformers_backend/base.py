@@ -19,15 +19,15 @@ from torch import nn
 
 from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.logger import init_logger
 
 from . import compat, devices
+from ._logging import get_logger
 from .attention import ATTN_IMPLEMENTATION, AttentionContext, attention_context, register_attention_function
 from .config import BackendConfig, current_backend_config
 from .layers import make_embedding, make_linear, make_rms_norm, plan_regexes, rms_norm_form
 from .weights import WeightsMapper, computed_buffer_ignores, legacy_renames, load_weights
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 
 class BackendError(ValueError):
@@ -106,6 +106,9 @@ class Base(nn.Module):
         self.attention_instances: Dict[int, Attention] = self._create_attention_instances()
         self._post_init(hf_model)
         self._materialize_parameters()
+        logger.info("Transformers backend: %s (HF %s) on %s, %d attention layers of head size %d",
+                    type(self).__name__, type(self.model).__name__, self.device, len(self.attention_instances),
+                    self.bundle.model_config.get_head_size())
 
     # --- construction -----------------------------------------------------------------------------
 

@@ -19,9 +19,9 @@ def _log_choice(model_config: Any, impl: str, choice: str, arch: str) -> None:
     if key in _logged:
         return
     _logged.add(key)
-    from vllm.logger import init_logger
+    from ._logging import get_logger
 
-    init_logger(__name__).info("model_impl=%r: %s runs %s for %s", impl, arch, choice, key[0])
+    get_logger(__name__).info("model_impl=%r: %s runs %s for %s", impl, arch, choice, key[0])
 
 
 def native_architecture(architectures: list) -> str | None:

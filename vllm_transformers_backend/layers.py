@@ -129,30 +129,35 @@ def rms_norm_form(module: nn.Module) -> Optional[str]:
     weight = getattr(module, "weight", None)
     eps = _eps_of(module)
     if isinstance(weight, torch.Tensor) and weight.dim() == 1 and eps is not None and not list(module.children()):
-        hidden = weight.shape[0]
-        probe = copy.copy(module)
-        probe._parameters = dict(module._parameters)
-        probe._buffers = {k: v for k, v in module._buffers.items()}
-        generator = torch.Generator().manual_seed(0)
-        w = torch.randn(hidden, generator=generator) * 0.5
-        probe._parameters["weight"] = nn.Parameter(w, requires_grad=False)
-        if any(b is not None and b.is_meta for b in probe._buffers.values()):
-            _NORM_FORMS[cls] = None
-            return None
-        x = torch.randn(3, hidden, generator=generator)
-        try:
-            with torch.no_grad(), torch.device("cpu"):
-                out = probe(x)
-        except Exception:
-            out = None
-        if isinstance(out, torch.Tensor) and out.shape == x.shape:
-            normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-            if torch.allclose(out, normed * w, atol=1e-5, rtol=1e-4):
-                form = "plain"
-            elif torch.allclose(out, normed * (1.0 + w), atol=1e-5, rtol=1e-4):
-                form = "gemma"
+        # The probe runs on the CPU whatever device vLLM's loader made the default.
+        with torch.device("cpu"), torch.no_grad():
+            form = _probe_norm_form(module, weight.shape[0], eps)
     _NORM_FORMS[cls] = form
     return form
+
+
+def _probe_norm_form(module: nn.Module, hidden: int, eps: float) -> Optional[str]:
+    if any(b is not None and b.is_meta for b in module._buffers.values()):
+        return None
+    probe = copy.copy(module)
+    probe._parameters = dict(module._parameters)
+    probe._buffers = dict(module._buffers)
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(hidden, generator=generator, dtype=torch.float32) * 0.5
+    probe._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+    x = torch.randn(3, hidden, generator=generator, dtype=torch.float32)
+    try:
+        out = probe(x)
+    except Exception:
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return None
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if torch.allclose(out, normed * w, atol=1e-5, rtol=1e-4):
+        return "plain"
+    if torch.allclose(out, normed * (1.0 + w), atol=1e-5, rtol=1e-4):
+        return "gemma"
+    return None
 
 
 def make_rms_norm(module: nn.Module, form: str, device: torch.device) -> nn.Module:

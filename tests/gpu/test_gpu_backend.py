@@ -34,7 +34,8 @@ def _run(path, model_impl, enforce_eager):
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                             SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True),
                             use_tqdm=False)
-        return type(model).__name__, [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
+        norms = {type(m).__name__ for n, m in model.named_modules() if n.endswith("norm")}
+        return type(model).__name__, norms, [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
     finally:
         del llm
         destroy_model_parallel()
@@ -54,9 +55,10 @@ def check_logprobs_close(a, b):
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
 def test_logprobs_close_to_native(tmp_path, enforce_eager):
     path = _llama(tmp_path / "llama")
-    native_cls, native = _run(path, "vllm", enforce_eager)
-    backend_cls, backend = _run(path, "transformers", enforce_eager)
+    native_cls, _, native = _run(path, "vllm", enforce_eager)
+    backend_cls, backend_norms, backend = _run(path, "transformers", enforce_eager)
     assert (native_cls, backend_cls) == ("LlamaForCausalLM", "TransformersForCausalLM")
+    assert backend_norms == {"HFRMSNorm"}, backend_norms
     check_logprobs_close(native, backend)
     same = sum(a[0] == b[0] for a, b in zip(native, backend))
     print(f"enforce_eager={enforce_eager}: {same}/{len(PROMPTS)} prompts token-identical over {MAX_TOKENS} tokens")

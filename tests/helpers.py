@@ -59,7 +59,39 @@ ARCHITECTURES: Dict[str, tuple] = {
     "qwen3": (lambda: _cfg("Qwen3Config", num_key_value_heads=1, head_dim=64, tie_word_embeddings=True), False),
     # head_dim=None in the config (vLLM's get_head_size returned None)
     "mistral": (lambda: _cfg("MistralConfig", num_key_value_heads=1, head_dim=None, sliding_window=None), True),
+    # full-width q/k RMSNorms; no native vLLM 0.6.2 implementation
+    "olmo2": (lambda: _cfg("Olmo2Config", num_key_value_heads=1, tie_word_embeddings=False), False),
 }
+
+#: The first transformers release that has the architecture at all.
+INTRODUCED_IN = {"gemma3": "4.50.0", "qwen3": "4.51.0"}
+#: The first release whose implementation sends attention through ALL_ATTENTION_FUNCTIONS; before it
+#: the backend must refuse the model with a clear error.
+INTERFACE_SINCE = {"gpt_neox": "4.49.0"}
+
+
+def transformers_version():
+    from packaging.version import Version
+    import transformers
+
+    return Version(Version(transformers.__version__).base_version)
+
+
+def require_architecture(name: str) -> None:
+    """Skips (with the reason) where the installed transformers does not have the architecture."""
+    import pytest
+    from packaging.version import Version
+
+    since = INTRODUCED_IN.get(name)
+    if since and transformers_version() < Version(since):
+        pytest.skip(f"transformers {transformers_version()} has no {name} (added in {since})")
+
+
+def interface_supported(name: str) -> bool:
+    from packaging.version import Version
+
+    since = INTERFACE_SINCE.get(name)
+    return not since or transformers_version() >= Version(since)
 
 _CAUSAL_CLASS = {
     "gemma3": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel",

@@ -32,6 +32,9 @@ def test_attention_softcap_without_a_capable_backend(tmp_path):
 
 
 def test_interleaved_sliding_window_beyond_max_len(tmp_path):
+    from tests.helpers import require_architecture
+
+    require_architecture("gemma3")
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 

@@ -12,13 +12,15 @@ def _fresh(cls):
 @pytest.mark.parametrize("name,form", [("LlamaRMSNorm", "plain"), ("GemmaRMSNorm", "gemma"), ("Qwen3RMSNorm", "plain")])
 def test_norm_form_detected_under_loader_defaults(name, form):
     """vLLM's loader builds under its device and the model dtype (bf16 on GPUs): the probe must not care."""
-    import transformers.models.gemma.modeling_gemma as gemma
-    import transformers.models.llama.modeling_llama as llama
-    import transformers.models.qwen3.modeling_qwen3 as qwen3
+    import importlib
 
+    from tests.helpers import require_architecture
     from vllm_transformers_backend.layers import rms_norm_form
 
-    cls = _fresh(getattr({"Llama": llama, "Gemma": gemma, "Qwen3": qwen3}[name[:-7]], name))
+    family = name[: -len("RMSNorm")].lower()
+    require_architecture(family)
+    module_path = f"transformers.models.{family}.modeling_{family}"
+    cls = _fresh(getattr(importlib.import_module(module_path), name))
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -83,6 +83,16 @@ def set_config_dtype(config: Any, dtype: Any) -> None:
     setattr(config, "dtype" if is_transformers_v5() else "torch_dtype", dtype)
 
 
+def transformers_config(config: Any) -> Any:
+    """The same configuration as an instance of transformers' own class for its ``model_type``."""
+    from transformers import AutoConfig
+
+    values = config.to_dict()
+    values.pop("model_type", None)
+    values.pop("transformers_version", None)
+    return AutoConfig.for_model(config.model_type, **values)
+
+
 def get_text_config(config: Any) -> Any:
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config

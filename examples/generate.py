@@ -17,13 +17,15 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default=str(DEFAULT))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model-impl", default="transformers")
+    parser.add_argument("--dtype", default="auto", help="vLLM's 'auto' runs float32 checkpoints in float16 "
+                        "(bfloat16 on the CPU); run_demo.sh asks for float32, the precision HF answers in")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from vllm import LLM, SamplingParams
 
     start = time.time()
-    llm = LLM(model=args.model, model_impl=args.model_impl, device=args.device, max_model_len=1024)
+    llm = LLM(model=args.model, model_impl=args.model_impl, device=args.device, dtype=args.dtype, max_model_len=1024)
     model = llm.llm_engine.model_executor.driver_worker.model_runner.model
     print(f"\nengine ready in {time.time() - start:.1f} s; model class: {type(model).__name__} "
           f"(HF body: {type(model.model).__name__ if hasattr(model, 'model') else '-'})")

@@ -15,17 +15,23 @@ from typing import Dict, List, Optional
 from ._base import Patch, PatchError
 from .cli import CliPatch
 from .engine_args import EngineArgsPatch
+from .hf_config import HFConfigPatch
 from .model_architecture import ModelArchitecturePatch
 from .model_config import ModelConfigPatch
 from .model_loader import ModelLoaderPatch
+from .rope import RopePatch
+from .tokenizer import TokenizerPatch
 
 #: In application order: ModelConfig before EngineArgs (create_model_config hands model_impl over).
 PATCHES: List[Patch] = [
+    HFConfigPatch(),
+    RopePatch(),
     ModelConfigPatch(),
     EngineArgsPatch(),
     CliPatch(),
     ModelArchitecturePatch(),
     ModelLoaderPatch(),
+    TokenizerPatch(),
 ]
 
 STRICT_ENV = "VLLM_TRANSFORMERS_BACKEND_STRICT"

@@ -3,10 +3,9 @@
 * ``__init__`` takes ``model_impl`` (or the value ``EngineArgs.create_model_config`` is passing) and
   stores it before vLLM's own checks run, so that everything downstream, including worker processes
   that receive the pickled config, can see it.
-* Configs that carry ``head_dim=None`` (Mistral configs of recent transformers) crash vLLM 0.6.2:
-  ``get_head_size`` returns ``None`` and its Llama/Mistral read ``config.head_dim`` as an int. After
-  vLLM has loaded the config, ``head_dim=None`` is replaced by ``hidden_size // num_attention_heads``,
-  which is what transformers itself computes for it; ``get_head_size`` also falls back to it.
+* ``get_head_size`` returns ``None`` for configs that carry ``head_dim=None``; it falls back to
+  ``hidden_size // num_attention_heads`` (the hf_config patch also normalises the config itself, but a
+  config handed over from elsewhere may not have passed through it).
 """
 from __future__ import annotations
 
@@ -36,9 +35,6 @@ class ModelConfigPatch(Patch):
                     model_impl = PENDING_MODEL_IMPL.get()
                 self.model_impl = validate_model_impl(model_impl)
                 original(self, *args, **kwargs)
-                text_config = self.hf_text_config
-                if getattr(text_config, "head_dim", 0) is None:
-                    text_config.head_dim = text_config.hidden_size // text_config.num_attention_heads
 
             return __init__
 

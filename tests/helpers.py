@@ -114,15 +114,23 @@ def build_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
 
 
 def hf_greedy(path: Path, prompts: Sequence[Sequence[int]], max_tokens: int, trust_remote_code: bool = False,
-              auto_class: str = "AutoModelForCausalLM") -> List[List[int]]:
-    """Greedy continuations from HF ``generate`` in float32, one prompt at a time (no padding)."""
+              use_generate: bool = True) -> List[List[int]]:
+    """Greedy continuations from HF in float32, one prompt at a time (no padding): ``generate``, or
+    (``use_generate=False``, for models without cache support) argmax over full forwards."""
     import transformers
 
-    model = getattr(transformers, auto_class).from_pretrained(path, torch_dtype=torch.float32,
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32,
                                                               trust_remote_code=trust_remote_code).eval()
     model.generation_config.eos_token_id = None  # like ignore_eos: run every requested step
     outs = []
     with torch.no_grad():
+        if not use_generate:
+            for prompt in prompts:
+                ids = list(prompt)
+                for _ in range(max_tokens):
+                    ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+                outs.append(ids[len(prompt):])
+            return outs
         for prompt in prompts:
             ids = torch.tensor([list(prompt)])
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,

@@ -32,7 +32,8 @@ def test_vllm_serve_with_model_impl_transformers(smollm2_path, tmp_path):
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [str(vllm_cli), "serve", str(smollm2_path), "--model-impl", "transformers", "--host", "127.0.0.1",
-         "--port", str(port), "--max-model-len", "512", "--served-model-name", "smollm2"],
+         "--port", str(port), "--max-model-len", "512", "--served-model-name", "smollm2",
+         "--dtype", "float32"],  # "auto" turns float32 checkpoints into float16 (bfloat16 on the CPU)
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"},
         start_new_session=True,
     )

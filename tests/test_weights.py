@@ -49,12 +49,26 @@ def test_other_base_model_prefix():
 def test_checkpoint_conversion_mapping_and_ignores():
     mapper = WeightsMapper()
     mapper.add_rename(r"^language_model\.model", "model")  # a v4 `_checkpoint_conversion_mapping` entry
-    mapper.add_ignore(r"attn\.masked_bias")                # a `_keys_to_ignore_on_load_unexpected` entry
     computed_buffer_ignores(mapper)
     assert mapper.map("language_model.model.embed.weight", TARGETS) == "model.embed.weight"
-    assert mapper.is_ignored("h.0.attn.masked_bias")
     assert mapper.is_ignored("model.layers.3.self_attn.rotary_emb.inv_freq")
     assert not mapper.is_ignored("model.embed.weight")
+
+
+def test_ignore_unexpected_applies_only_to_keys_that_map_nowhere(tmp_path):
+    """GPT-2's `_keys_to_ignore_on_load_unexpected` has `attn.bias`, which also matches `c_attn.bias`."""
+    from torch import nn
+
+    from vllm_transformers_backend.weights import load_weights
+
+    module = nn.Module()
+    module.c_attn = nn.Linear(2, 2)
+    mapper = WeightsMapper()
+    mapper.add_ignore_unexpected(r"attn.bias")
+    weights = [("c_attn.weight", torch.ones(2, 2)), ("c_attn.bias", torch.full((2,), 3.0)),
+               ("h.0.attn.bias", torch.zeros(1, 1, 4, 4))]
+    assert load_weights(module, weights, mapper) == {"c_attn.weight", "c_attn.bias"}
+    assert torch.equal(module.c_attn.bias.data, torch.full((2,), 3.0))
 
 
 def _rewrite(src, dst, edit):
@@ -84,11 +98,9 @@ def test_checkpoint_layouts_load(checkpoints, tmp_path):
 
 
 def test_pytorch_bin_checkpoint(checkpoints, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     src = checkpoints("qwen2")
-    AutoModelForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "bin", safe_serialization=False)
-    assert (tmp_path / "bin" / "pytorch_model.bin").exists()
+    shutil.copytree(src, tmp_path / "bin", ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(src / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
     with Engine(tmp_path / "bin", "transformers") as llm:
         assert vllm_greedy(llm, PROMPTS[:2], MAX_TOKENS) == hf_greedy(src, PROMPTS[:2], MAX_TOKENS)
 

@@ -355,7 +355,7 @@ class Base(nn.Module):
             mapper.prefixes += [(f"{prefix}.lm_head.", "lm_head."), (f"{prefix}.", "model."), (f"{prefix}.", "")]
         mapper.prefixes.append(("", "model."))
         for pattern in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ():
-            mapper.add_ignore(pattern)
+            mapper.add_ignore_unexpected(pattern)
         computed_buffer_ignores(mapper)
         return mapper
 

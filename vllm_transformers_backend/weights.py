@@ -32,18 +32,25 @@ class WeightsMapper:
     ``prefixes``: (checkpoint prefix, model prefix) pairs tried when the renamed key is not a
     parameter as is, e.g. ``("transformer.", "model.")`` for GPT-2 or ``("", "model.")`` for a base
     model saved without prefix.
-    ``ignore``: regexes (searched) of checkpoint keys that are skipped on purpose.
+    ``ignore``: regexes (searched) of checkpoint keys that are always skipped (computed buffers).
+    ``ignore_unexpected``: regexes of keys skipped only when they map to nothing, the way transformers
+    applies a model's ``_keys_to_ignore_on_load_unexpected`` (GPT-2's ``attn.bias`` would otherwise
+    also swallow ``c_attn.bias``).
     """
 
     renames: List[Tuple[Pattern, str]] = field(default_factory=list)
     prefixes: List[Tuple[str, str]] = field(default_factory=list)
     ignore: List[Pattern] = field(default_factory=list)
+    ignore_unexpected: List[Pattern] = field(default_factory=list)
 
     def add_rename(self, pattern: str, replacement: str) -> None:
         self.renames.append((re.compile(pattern), replacement))
 
     def add_ignore(self, pattern: str) -> None:
         self.ignore.append(re.compile(pattern))
+
+    def add_ignore_unexpected(self, pattern: str) -> None:
+        self.ignore_unexpected.append(re.compile(pattern))
 
     def is_ignored(self, name: str) -> bool:
         return any(p.search(name) for p in self.ignore)
@@ -104,7 +111,8 @@ def load_weights(
             continue
         target = mapper.map(name, targets)
         if target is None:
-            unmapped.append(name)
+            if not any(p.search(name) for p in mapper.ignore_unexpected):
+                unmapped.append(name)
             continue
         if target in skip_set:
             continue

@@ -92,6 +92,9 @@ class TinyRemotePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module):
+        # transformers 5 builds on the meta device and re-initialises buffers through this hook too.
+        if isinstance(module, TinyRemoteModel):
+            module.inv_freq.copy_(module.compute_inv_freq(self.config).to(module.inv_freq.device))
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.data.normal_(0.0, 0.1)
             if getattr(module, "bias", None) is not None:
@@ -104,10 +107,13 @@ class TinyRemoteModel(TinyRemotePreTrainedModel):
         self.tok = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
         self.final_norm = ScaleNorm(config.hidden_size, config.norm_eps)
-        head_dim = config.hidden_size // config.num_attention_heads
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
         self.post_init()
+
+    @staticmethod
+    def compute_inv_freq(config):
+        head_dim = config.hidden_size // config.num_attention_heads
+        return 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
     def get_input_embeddings(self):
         return self.tok

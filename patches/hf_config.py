@@ -1,0 +1,61 @@
+"""Patch of ``vllm.config.get_config`` (vLLM 0.6.2): configs in the shape vLLM 0.6.2 reads.
+
+vLLM 0.6.2's config code and native models read configs the transformers-4 way. Two things break with
+newer configs, so they are normalised once, right after vLLM loads the config:
+
+* ``head_dim=None`` (Mistral configs of recent transformers): vLLM's ``get_head_size`` returns None and
+  its Llama/Mistral multiply by it. It becomes ``hidden_size // num_attention_heads``, which is what
+  transformers itself computes for it.
+* transformers 5 moved ``rope_theta`` into ``rope_parameters``; vLLM's native models read
+  ``getattr(config, "rope_theta", 10000)`` and would silently use 10000. ``rope_theta`` is set again
+  as a plain attribute from ``rope_parameters``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import Patch, is_wrapped, require_parameters, wrap
+
+
+def _text_configs(config: Any):
+    seen = [config]
+    getter = getattr(config, "get_text_config", None)
+    text = getter() if callable(getter) else None
+    if text is not None and text is not config:
+        seen.append(text)
+    return seen
+
+
+def normalise_config(config: Any) -> Any:
+    for cfg in _text_configs(config):
+        if getattr(cfg, "head_dim", 0) is None and getattr(cfg, "num_attention_heads", None):
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        params = getattr(cfg, "rope_parameters", None)
+        if isinstance(params, dict) and "rope_theta" in params and "rope_theta" not in vars(cfg):
+            cfg.rope_theta = params["rope_theta"]
+    return config
+
+
+class HFConfigPatch(Patch):
+    name = "hf_config"
+    target = "vllm.config.get_config: head_dim=None and transformers-5 rope_theta normalised"
+
+    def _module(self):
+        import vllm.config
+
+        return vllm.config
+
+    def is_applied(self) -> bool:
+        return is_wrapped(self._module().get_config, self.name)
+
+    def _apply(self) -> None:
+        module = self._module()
+        require_parameters(module.get_config, ["model", "trust_remote_code"], self.target)
+
+        def make(original):
+            def get_config(*args, **kwargs):
+                return normalise_config(original(*args, **kwargs))
+
+            return get_config
+
+        wrap(module, "get_config", self.name, make)

@@ -8,7 +8,7 @@
 # Each leg is reported by name. The run fails when any leg fails, and when a leg ran no test.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-matrix=${TRANSFORMERS_MATRIX:-"4.48.3 4.57.6"}
+matrix=${TRANSFORMERS_MATRIX:-"4.48.3 4.57.6 5.13.1"}
 default_tf=${TRANSFORMERS_VERSION:-4.57.6}
 bash "$repo/scripts/setup_cpu_env.sh" || { echo "environment set-up failed" >&2; exit 1; }
 venv=${VTB_VENV:-${VTB_CACHE:-$HOME/.cache/vllm-transformers-backend}/venv}

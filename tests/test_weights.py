@@ -125,3 +125,21 @@ def test_parameters_left_unloaded_are_an_error(checkpoints, tmp_path):
     with pytest.raises(WeightsLoadingError, match=r"got no weights.*model\.layers\.1\.mlp\.down_proj\.weight"):
         with Engine(path, "transformers"):
             pass
+
+
+def test_transformers5_transforms():
+    """v5 ``WeightRenaming`` renames; a ``WeightConverter`` that would merge tensors is refused by name."""
+    pytest.importorskip("transformers.core_model_loading", reason="transformers 4.x has no WeightRenaming")
+    from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
+
+    from vllm_transformers_backend.weights import add_checkpoint_transforms
+
+    mapper = WeightsMapper()
+    add_checkpoint_transforms(mapper, [
+        WeightRenaming(source_patterns=r"\.old_norm\.", target_patterns=".norm."),
+        WeightConverter(source_patterns=["experts.*.w1.weight", "experts.*.w3.weight"],
+                        target_patterns="experts.gate_up_proj", operations=[Concatenate(dim=0)]),
+    ])
+    assert mapper.map("model.layers.0.old_norm.weight", TARGETS) == "model.layers.0.norm.weight"
+    with pytest.raises(WeightsLoadingError, match="WeightConverter"):
+        mapper.map("model.layers.0.mlp.experts.3.w1.weight", TARGETS)

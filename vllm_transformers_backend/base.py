@@ -25,7 +25,8 @@ from ._logging import get_logger
 from .attention import ATTN_IMPLEMENTATION, AttentionContext, attention_context, register_attention_function
 from .config import BackendConfig, current_backend_config
 from .layers import make_embedding, make_linear, make_rms_norm, plan_regexes, rms_norm_form
-from .weights import WeightsMapper, computed_buffer_ignores, legacy_renames, load_weights
+from .weights import (WeightsMapper, add_checkpoint_transforms, computed_buffer_ignores, legacy_renames,
+                      load_weights)
 
 logger = get_logger(__name__)
 
@@ -100,6 +101,7 @@ class Base(nn.Module):
         hf_model = self._build_hf_model()
         self.hf_model_class = type(hf_model)
         self._output_embedding_names = self._output_embedding_qualnames(hf_model)
+        self._checkpoint_transforms = compat.checkpoint_transforms(hf_model)
         self._checkpoint_prefix, self.model = self._base_model_of(hf_model)
         self._check_attention_backend_support(hf_model)
         self._replace_modules()
@@ -347,6 +349,7 @@ class Base(nn.Module):
         mapper = WeightsMapper()
         for pattern, replacement in (getattr(cls, "_checkpoint_conversion_mapping", None) or {}).items():
             mapper.add_rename(pattern, replacement)
+        add_checkpoint_transforms(mapper, self._checkpoint_transforms)
         legacy_renames(mapper)
         for name in self._output_embedding_names:
             mapper.prefixes.append((f"{name}.", "lm_head."))

@@ -104,6 +104,18 @@ def ties_word_embeddings(config: Any) -> bool:
     return bool(getattr(text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
 
 
+def checkpoint_transforms(hf_model: Any) -> list:
+    """transformers 5's checkpoint transforms for this model (``WeightRenaming``/``WeightConverter``);
+    empty on 4.x, where ``_checkpoint_conversion_mapping`` plays that role."""
+    if not is_transformers_v5():
+        return []
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:
+        return []
+    return list(get_model_conversion_mapping(hf_model))
+
+
 def attention_functions() -> Any:
     check_transformers()
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Pattern, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Pattern, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -39,6 +39,8 @@ class WeightsMapper:
     """
 
     renames: List[Tuple[Pattern, str]] = field(default_factory=list)
+    #: Renaming functions applied after ``renames`` (transformers 5 ``WeightRenaming.rename_source_key``).
+    rename_fns: List[Callable[[str], str]] = field(default_factory=list)
     prefixes: List[Tuple[str, str]] = field(default_factory=list)
     ignore: List[Pattern] = field(default_factory=list)
     ignore_unexpected: List[Pattern] = field(default_factory=list)
@@ -58,6 +60,8 @@ class WeightsMapper:
     def candidates(self, name: str) -> List[str]:
         for pattern, replacement in self.renames:
             name = pattern.sub(replacement, name)
+        for rename in self.rename_fns:
+            name = rename(name)
         found = [name]
         for ckpt_prefix, model_prefix in self.prefixes:
             if name.startswith(ckpt_prefix):
@@ -70,6 +74,28 @@ class WeightsMapper:
             if candidate in targets:
                 return candidate
         return None
+
+
+def add_checkpoint_transforms(mapper: WeightsMapper, transforms: Sequence[object]) -> None:
+    """transformers 5 transforms: renames are applied; a converter (tensors merged or split, e.g. MoE
+    experts packed into one tensor) that matches a checkpoint key is refused with its name."""
+    for transform in transforms:
+        rename = getattr(transform, "rename_source_key", None)
+        if rename is None:
+            continue
+        if type(transform).__name__ == "WeightRenaming":
+            mapper.rename_fns.append(lambda key, rename=rename: rename(key)[0])
+        else:
+            def refuse(key: str, rename=rename, transform=transform) -> str:
+                if rename(key)[1] is not None:
+                    raise WeightsLoadingError(
+                        f"checkpoint tensor {key!r} needs transformers' {type(transform).__name__} "
+                        f"({transform!r}), which merges or splits tensors; the backend does not apply such "
+                        "conversions yet. Convert the checkpoint with transformers (save_pretrained) first."
+                    )
+                return key
+
+            mapper.rename_fns.append(refuse)
 
 
 def legacy_renames(mapper: WeightsMapper) -> None:

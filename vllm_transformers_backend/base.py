@@ -123,33 +123,38 @@ class Base(nn.Module):
         # transformers builds in config.dtype; vLLM has already chosen the dtype (the ambient default).
         for cfg in {id(self.config): self.config, id(self.text_config): self.text_config}.values():
             compat.set_config_dtype(cfg, self.dtype)
-        config = self.config
-        for attempt in range(2):
-            with parameters_on_meta():
-                try:
-                    return auto_class.from_config(
-                        config,
-                        trust_remote_code=trust,
-                        attn_implementation=ATTN_IMPLEMENTATION,
-                        **compat.dtype_kwargs(self.dtype),
-                    )
-                except KeyError as exc:
-                    # transformers < 4.49 models that pick attention classes from a dict keyed by name
-                    if exc.args == (ATTN_IMPLEMENTATION,):
-                        raise BackendError(self._no_attention_interface_message(
-                            "its attention classes are looked up by implementation name")) from exc
-                    raise
-                except ValueError as exc:
-                    if attempt == 0 and "Unrecognized configuration class" in str(exc):
-                        # vLLM 0.6.2 loads some configs with classes of its own (Granite, ...), which
-                        # transformers' auto classes do not know: rebuild transformers' own config.
-                        config = compat.transformers_config(self.config)
-                        config._attn_implementation = ATTN_IMPLEMENTATION
-                        continue
-                    if "attn_implementation" in str(exc) or "attention" in str(exc).lower():
-                        raise BackendError(self._no_attention_interface_message(exc)) from exc
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return self._from_config(auto_class, self.config, trust)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+        # vLLM 0.6.2 loads some configs with classes of its own (Granite, ...) that transformers' auto
+        # classes do not know: build from transformers' own class for the same model_type.
+        config = compat.transformers_config(self.config)
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        return self._from_config(auto_class, config, trust)
+
+    def _from_config(self, auto_class: Any, config: Any, trust_remote_code: bool) -> nn.Module:
+        with parameters_on_meta():
+            try:
+                return auto_class.from_config(
+                    config,
+                    trust_remote_code=trust_remote_code,
+                    attn_implementation=ATTN_IMPLEMENTATION,
+                    **compat.dtype_kwargs(self.dtype),
+                )
+            except KeyError as exc:
+                # transformers < 4.49 models that pick attention classes from a dict keyed by name
+                if exc.args == (ATTN_IMPLEMENTATION,):
+                    raise BackendError(self._no_attention_interface_message(
+                        "its attention classes are looked up by implementation name")) from exc
+                raise
+            except ValueError as exc:
+                message = str(exc)
+                if "Unrecognized configuration class" not in message and (
+                        "attn_implementation" in message or "attention" in message.lower()):
+                    raise BackendError(self._no_attention_interface_message(exc)) from exc
+                raise
 
     def _no_attention_interface_message(self, detail: object) -> str:
         arch = (getattr(self.config, "architectures", None) or [type(self.config).__name__])[0]

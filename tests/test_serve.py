@@ -1,8 +1,9 @@
-"""`vllm serve PATH --model-impl transformers`: the CLI flag exists and the spawned engine process is
-patched (the start-up hook), end to end over HTTP on localhost."""
+"""`vllm serve PATH --model-impl transformers` end to end on the CPU: the CLI flag exists, the spawned
+engine process is patched (start-up hook), and the OpenAI-compatible server answers a completion, a chat
+completion and 50 concurrent requests through the `openai` client. The server is always stopped."""
 from __future__ import annotations
 
-import json
+import concurrent.futures
 import os
 import socket
 import subprocess
@@ -20,49 +21,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
-
-
-def test_vllm_serve_with_model_impl_transformers(smollm2_path, tmp_path):
+@pytest.fixture()
+def server(smollm2_path, tmp_path):
     port = _free_port()
     vllm_cli = Path(sys.executable).parent / "vllm"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
+    log_path = tmp_path / "server.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen(
         [str(vllm_cli), "serve", str(smollm2_path), "--model-impl", "transformers", "--host", "127.0.0.1",
          "--port", str(port), "--max-model-len", "512", "--served-model-name", "smollm2",
          "--dtype", "float32"],  # "auto" turns float32 checkpoints into float16 (bfloat16 on the CPU)
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"},
         start_new_session=True,
     )
+    base = f"http://127.0.0.1:{port}"
     try:
-        base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 240
-        while time.time() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"server exited with {server.returncode}: {(tmp_path / 'server.log').read_text()[-3000:]}")
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}: {log_path.read_text()[-3000:]}")
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2)
                 break
             except OSError:
+                if time.time() > deadline:
+                    pytest.fail("server not ready within 240 s")
                 time.sleep(1)
-        else:
-            pytest.fail("server not ready within 240 s")
-        completion = _post(f"{base}/v1/completions", {"model": "smollm2", "prompt": "The capital of France is",
-                                                      "max_tokens": 4, "temperature": 0})
-        assert completion["choices"][0]["text"].startswith(" Paris"), completion
-        chat = _post(f"{base}/v1/chat/completions", {
-            "model": "smollm2", "max_tokens": 16, "temperature": 0,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
-        assert "Paris" in chat["choices"][0]["message"]["content"], chat
-        text = (tmp_path / "server.log").read_text()
-        assert "the Transformers backend (TransformersForCausalLM)" in text, text[-3000:]
+        yield base, log_path
     finally:
-        os.killpg(server.pid, 15)
+        os.killpg(process.pid, 15)
         try:
-            server.wait(timeout=30)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
+            os.killpg(process.pid, 9)
         log.close()
+
+
+def test_vllm_serve_with_model_impl_transformers(server):
+    import openai
+
+    base, log_path = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
+    completion = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4,
+                                           temperature=0)
+    assert completion.choices[0].text.startswith(" Paris"), completion
+    chat = client.chat.completions.create(model="smollm2", max_tokens=16, temperature=0,
+                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in chat.choices[0].message.content, chat
+
+    # 50 concurrent requests, 10 distinct prompts: each answer must equal that prompt's sequential answer.
+    prompts = [f"{n} plus {n} equals" for n in range(10)]
+    expected = {p: client.completions.create(model="smollm2", prompt=p, max_tokens=6, temperature=0).choices[0].text
+                for p in prompts}
+
+    def ask(i: int) -> tuple:
+        prompt = prompts[i % len(prompts)]
+        reply = client.completions.create(model="smollm2", prompt=prompt, max_tokens=6, temperature=0)
+        return prompt, reply.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(ask, range(50)))
+    assert len(answers) == 50
+    mismatches = [(p, got, expected[p]) for p, got in answers if got != expected[p]]
+    assert not mismatches, mismatches[:5]
+    assert "the Transformers backend (TransformersForCausalLM)" in log_path.read_text()

@@ -15,6 +15,7 @@ MAX_TOKENS = 12
 
 def write_remote_model(path: Path, **config_kwargs) -> Path:
     """Saves TinyRemoteForCausalLM (random weights) with its code and an ``auto_map``."""
+    import importlib
     import importlib.util
     import sys
 
@@ -44,8 +45,6 @@ def write_remote_model(path: Path, **config_kwargs) -> Path:
         shutil.copy(HERE / name, path / name)  # save_pretrained may not copy dynamic modules it did not load
     return path
 
-
-import importlib  # noqa: E402
 
 
 @pytest.mark.parametrize("model_impl", ["transformers", "auto"])

@@ -43,15 +43,6 @@ def vllm_is_supported() -> bool:
     return version is not None and Version(version.base_version) == SUPPORTED_VLLM
 
 
-def check_vllm() -> None:
-    if not vllm_is_supported():
-        raise UnsupportedVersionError(
-            f"vllm-transformers-backend patches vLLM {SUPPORTED_VLLM} (and forks of it) only, but vLLM "
-            f"{vllm_version_string()} is installed. Install vllm==0.6.2 (or your vendor's 0.6.2 fork); "
-            "newer vLLM releases ship their own Transformers backend (model_impl='transformers')."
-        )
-
-
 def transformers_version() -> Version:
     version = installed_version("transformers")
     if version is None:
@@ -121,12 +112,3 @@ def attention_functions() -> Any:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return ALL_ATTENTION_FUNCTIONS
-
-
-def mask_functions() -> Optional[Any]:
-    """``ALL_MASK_ATTENTION_FUNCTIONS`` (transformers >= 4.53), or None before masks were pluggable."""
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    except ImportError:
-        return None
-    return ALL_MASK_ATTENTION_FUNCTIONS

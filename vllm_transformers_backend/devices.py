@@ -24,10 +24,6 @@ def has_torch_mlu() -> bool:
     return importlib.util.find_spec("torch_mlu") is not None
 
 
-def is_accelerator(device: torch.device) -> bool:
-    return torch.device(device).type != "cpu"
-
-
 def prefers_native_layer_forward(device: torch.device) -> bool:
     """Whether vLLM CustomOps should run their portable PyTorch forward on this device.
 

@@ -240,7 +240,7 @@ class Base(nn.Module):
         embedding = self.model.get_input_embeddings()
         if embedding is not None:
             self.model.set_input_embeddings(
-                make_embedding(embedding, self.text_config.vocab_size, self.quant_config, "model.embed_tokens")
+                make_embedding(embedding, self.quant_config, "model.embed_tokens")
             )
 
     def _attention_modules(self) -> Dict[int, nn.Module]:

@@ -166,7 +166,7 @@ def make_rms_norm(module: nn.Module, form: str, device: torch.device) -> nn.Modu
     norm = cls(hidden, eps=_eps_of(module))
     # GemmaRMSNorm's kernel path is torch.compile, which on the CPU means compiling C++ at first call;
     # on devices without vLLM kernels (MLU) only the PyTorch forward exists.
-    if form == "gemma" and device.type == "cpu" or devices.prefers_native_layer_forward(device):
+    if (form == "gemma" and device.type == "cpu") or devices.prefers_native_layer_forward(device):
         norm._forward_method = norm.forward_native
     return norm
 
@@ -183,7 +183,7 @@ class ScaledVocabParallelEmbedding(VocabParallelEmbedding):
         return super().forward(input_) * self.embed_scale
 
 
-def make_embedding(module: nn.Module, vocab_size: int, quant_config: Any, prefix: str) -> VocabParallelEmbedding:
+def make_embedding(module: nn.Module, quant_config: Any, prefix: str) -> VocabParallelEmbedding:
     num, dim = module.weight.shape
     scale = getattr(module, "embed_scale", None)
     kwargs = dict(org_num_embeddings=num, quant_config=quant_config, prefix=prefix)

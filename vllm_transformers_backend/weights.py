@@ -51,6 +51,9 @@ class WeightsMapper:
     def add_ignore(self, pattern: str) -> None:
         self.ignore.append(re.compile(pattern))
 
+    def is_ignored_unexpected(self, name: str) -> bool:
+        return any(p.search(name) for p in self.ignore_unexpected)
+
     def add_ignore_unexpected(self, pattern: str) -> None:
         self.ignore_unexpected.append(re.compile(pattern))
 
@@ -137,7 +140,7 @@ def load_weights(
             continue
         target = mapper.map(name, targets)
         if target is None:
-            if not any(p.search(name) for p in mapper.ignore_unexpected):
+            if not mapper.is_ignored_unexpected(name):
                 unmapped.append(name)
             continue
         if target in skip_set:

@@ -14,11 +14,16 @@ from typing import Dict, List, Optional
 
 from ._base import Patch, PatchError
 from .cli import CliPatch
+from .cpu_embedding import CpuEmbeddingPatch
+from .cpu_group_coordinator import CpuGroupCoordinatorPatch
+from .cpu_model_input import CpuModelInputPatch
 from .engine_args import EngineArgsPatch
 from .hf_config import HFConfigPatch
+from .llm import LLMPatch
 from .model_architecture import ModelArchitecturePatch
 from .model_config import ModelConfigPatch
 from .model_loader import ModelLoaderPatch
+from .pipeline_parallel import PipelineParallelPatch
 from .rope import RopePatch
 from .tokenizer import TokenizerPatch
 
@@ -32,6 +37,11 @@ PATCHES: List[Patch] = [
     ModelArchitecturePatch(),
     ModelLoaderPatch(),
     TokenizerPatch(),
+    LLMPatch(),
+    CpuEmbeddingPatch(),
+    PipelineParallelPatch(),
+    CpuGroupCoordinatorPatch(),
+    CpuModelInputPatch(),
 ]
 
 STRICT_ENV = "VLLM_TRANSFORMERS_BACKEND_STRICT"

@@ -1,4 +1,6 @@
-"""Patch of ``vllm.engine.arg_utils.EngineArgs.add_cli_args`` (vLLM 0.6.2): ``--model-impl``.
+"""Patch of ``vllm.engine.arg_utils.EngineArgs.add_cli_args`` (vLLM 0.6.2): the backend's flags.
+
+``--model-impl``, ``--runner`` / ``--task`` and ``--override-pooler-config`` (JSON), as newer vLLM spells them.
 
 ``vllm serve`` and ``python -m vllm.entrypoints.openai.api_server`` build their parser through
 ``AsyncEngineArgs.add_cli_args``, which calls ``EngineArgs.add_cli_args`` by attribute, so one patch
@@ -8,12 +10,12 @@ place at import time (the start-up hook sees to it).
 from __future__ import annotations
 
 from ._base import Patch, is_wrapped, require_parameters, wrap
-from .engine_args import DEFAULT_MODEL_IMPL, MODEL_IMPLS
+from vllm_transformers_backend.options import DEFAULTS, MODEL_IMPLS, RUNNERS, TASKS
 
 
 class CliPatch(Patch):
     name = "cli"
-    target = "vllm.engine.arg_utils.EngineArgs.add_cli_args: --model-impl"
+    target = "vllm.engine.arg_utils.EngineArgs.add_cli_args: --model-impl, --runner, --task, --override-pooler-config"
 
     def _owner(self):
         from vllm.engine.arg_utils import EngineArgs
@@ -30,16 +32,34 @@ class CliPatch(Patch):
         def make(original):
             def add_cli_args(parser, *args, **kwargs):
                 parser = original(parser, *args, **kwargs)
-                if "--model-impl" not in getattr(parser, "_option_string_actions", {}):
+                known = getattr(parser, "_option_string_actions", {})
+                if "--model-impl" not in known:
                     parser.add_argument(
                         "--model-impl",
                         type=str.lower,
                         choices=list(MODEL_IMPLS),
-                        default=DEFAULT_MODEL_IMPL,
+                        default=DEFAULTS["model_impl"],
                         help="Which implementation of the model to use. 'vllm': vLLM's own model; "
                         "'transformers': the Hugging Face implementation through "
                         "vllm-transformers-backend; 'auto': vLLM's own if vLLM has the architecture, "
                         "the Transformers backend otherwise.",
+                    )
+                if "--runner" not in known:
+                    parser.add_argument(
+                        "--runner", type=str.lower, choices=list(RUNNERS), default=DEFAULTS["runner"],
+                        help="'generate' for text generation, 'pooling' for embeddings (/v1/embeddings); "
+                        "'auto' decides from the architecture name (...Model pools, ...ForCausalLM generates).",
+                    )
+                if "--task" not in known:
+                    parser.add_argument(
+                        "--task", type=str.lower, choices=list(TASKS), default=DEFAULTS["task"],
+                        help="Older spelling of --runner: 'embed' means --runner pooling.",
+                    )
+                if "--override-pooler-config" not in known:
+                    parser.add_argument(
+                        "--override-pooler-config", type=str, default=None,
+                        help='JSON overriding the pooling a checkpoint declares, e.g. '
+                        '\'{"pooling_type": "MEAN", "normalize": true}\' (CLS, MEAN or LAST).',
                     )
                 return parser
 

@@ -1,47 +1,51 @@
-"""Patch of ``vllm.engine.arg_utils.EngineArgs`` / ``AsyncEngineArgs`` (vLLM 0.6.2): ``model_impl``.
+"""Patch of ``vllm.engine.arg_utils.EngineArgs`` / ``AsyncEngineArgs`` (vLLM 0.6.2): the backend's options.
 
-vLLM 0.6.2 has no ``model_impl``; ``LLM(model_impl=...)`` raises ``TypeError`` in ``EngineArgs``.
-This patch makes ``model_impl`` a field of both dataclasses (``from_cli_args`` builds the object from
-``dataclasses.fields``), validates it, and hands it to ``ModelConfig`` in ``create_model_config``.
-``LLM.__init__`` forwards unknown keywords to ``EngineArgs``, so ``LLM`` needs nothing more.
+vLLM 0.6.2 has no ``model_impl``, ``runner``/``task`` or ``override_pooler_config``; ``LLM(model_impl=...)``
+raises ``TypeError`` in ``EngineArgs``. This patch makes them fields of both dataclasses
+(``from_cli_args`` builds the object from ``dataclasses.fields``), validates them, and hands them to
+``ModelConfig`` in ``create_model_config``. ``LLM.__init__`` forwards unknown keywords to ``EngineArgs``,
+so ``LLM`` needs nothing more.
 """
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+from typing import Any, Dict
+
+from vllm_transformers_backend.options import (DEFAULTS, MODEL_IMPLS, validate_model_impl,
+                                               validate_pooler_override, validate_runner)
 
 from ._base import Patch, PatchError, is_wrapped, wrap
 
-MODEL_IMPLS = ("auto", "vllm", "transformers")
-DEFAULT_MODEL_IMPL = "auto"
+__all__ = ["EngineArgsPatch", "PENDING_OPTIONS", "MODEL_IMPLS", "DEFAULT_MODEL_IMPL", "validate_model_impl",
+           "validated_options"]
+
+DEFAULT_MODEL_IMPL = DEFAULTS["model_impl"]
 
 #: ``create_model_config`` sets this for the ``ModelConfig`` it builds (see the model_config patch).
-PENDING_MODEL_IMPL: contextvars.ContextVar = contextvars.ContextVar("pending_model_impl", default=None)
+PENDING_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("pending_backend_options", default=None)
 
 
-def validate_model_impl(value: object) -> str:
-    if value is None:
-        return DEFAULT_MODEL_IMPL
-    if not isinstance(value, str) or value.lower() not in MODEL_IMPLS:
-        raise ValueError(
-            f"Unknown model_impl {value!r}. Choose one of {', '.join(MODEL_IMPLS)}: 'vllm' uses vLLM's "
-            "own model, 'transformers' the Hugging Face implementation through vllm-transformers-backend, "
-            "'auto' vLLM's own when vLLM has the architecture and the Transformers backend otherwise."
-        )
-    return value.lower()
+def validated_options(model_impl: Any = None, runner: Any = None, task: Any = None,
+                      override_pooler_config: Any = None) -> Dict[str, Any]:
+    return {
+        "model_impl": validate_model_impl(model_impl),
+        "runner": validate_runner(runner, task),
+        "override_pooler_config": validate_pooler_override(override_pooler_config),
+    }
 
 
-def _model_impl_field() -> dataclasses.Field:
-    field = dataclasses.field(default=DEFAULT_MODEL_IMPL)
-    field.name = "model_impl"
-    field.type = "str"
+def _field(name: str, default: Any) -> dataclasses.Field:
+    field = dataclasses.field(default=default)
+    field.name = name
+    field.type = "Any"
     field._field_type = dataclasses._FIELD  # type: ignore[attr-defined]
     return field
 
 
 class EngineArgsPatch(Patch):
     name = "engine_args"
-    target = "vllm.engine.arg_utils.EngineArgs (+ AsyncEngineArgs): model_impl field"
+    target = "vllm.engine.arg_utils.EngineArgs (+ AsyncEngineArgs): model_impl, runner/task, override_pooler_config"
 
     def _classes(self):
         from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
@@ -50,7 +54,7 @@ class EngineArgsPatch(Patch):
 
     def is_applied(self) -> bool:
         return all(
-            "model_impl" in cls.__dataclass_fields__
+            all(name in cls.__dataclass_fields__ for name in DEFAULTS)
             and is_wrapped(cls.__dict__["__init__"], self.name)
             for cls in self._classes()
         ) and is_wrapped(self._classes()[0].create_model_config, self.name)
@@ -60,13 +64,19 @@ class EngineArgsPatch(Patch):
         for cls in (engine_args, async_engine_args):
             if not dataclasses.is_dataclass(cls) or "__init__" not in cls.__dict__:
                 raise PatchError(f"{cls.__qualname__} is not the dataclass vLLM 0.6.2 defines")
-            cls.model_impl = DEFAULT_MODEL_IMPL
-            cls.__dataclass_fields__.setdefault("model_impl", _model_impl_field())
+            for name, default in DEFAULTS.items():
+                setattr(cls, name, default)
+                cls.__dataclass_fields__.setdefault(name, _field(name, default))
 
             def make_init(original):
-                def __init__(self, *args, model_impl=DEFAULT_MODEL_IMPL, **kwargs):
+                def __init__(self, *args, model_impl=DEFAULTS["model_impl"], runner=DEFAULTS["runner"],
+                             task=DEFAULTS["task"], override_pooler_config=None, **kwargs):
                     original(self, *args, **kwargs)
-                    self.model_impl = validate_model_impl(model_impl)
+                    options = validated_options(model_impl, runner, task, override_pooler_config)
+                    self.model_impl = options["model_impl"]
+                    self.runner = options["runner"]
+                    self.task = task if task is not None else DEFAULTS["task"]
+                    self.override_pooler_config = override_pooler_config
 
                 return __init__
 
@@ -74,11 +84,13 @@ class EngineArgsPatch(Patch):
 
         def make_create_model_config(original):
             def create_model_config(self):
-                token = PENDING_MODEL_IMPL.set(validate_model_impl(getattr(self, "model_impl", None)))
+                options = validated_options(getattr(self, "model_impl", None), getattr(self, "runner", None),
+                                            getattr(self, "task", None), getattr(self, "override_pooler_config", None))
+                token = PENDING_OPTIONS.set(options)
                 try:
                     return original(self)
                 finally:
-                    PENDING_MODEL_IMPL.reset(token)
+                    PENDING_OPTIONS.reset(token)
 
             return create_model_config
 

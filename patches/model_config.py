@@ -1,19 +1,22 @@
-"""Patch of ``vllm.config.ModelConfig.__init__`` (vLLM 0.6.2): ``model_impl``.
+"""Patch of ``vllm.config.ModelConfig.__init__`` (vLLM 0.6.2): ``model_impl``, ``runner``, pooler override.
 
-``__init__`` takes ``model_impl`` (or the value ``EngineArgs.create_model_config`` is passing) and
-stores it before vLLM's own checks run, so that everything downstream, including worker processes
-that receive the pickled config, can see it. (``head_dim=None`` configs are normalised where vLLM
-loads them: the hf_config patch.)
+``__init__`` takes the backend's options (or the ones ``EngineArgs.create_model_config`` is passing) and
+stores them on the config, so that everything downstream, including worker processes that receive the
+pickled config, can see them. ``runner="pooling"`` turns on vLLM 0.6.2's embedding mode, which vLLM
+itself only sets for architectures in its ``_EMBEDDING_MODELS``: the scheduler then allocates no KV
+blocks and the GPU worker picks ``EmbeddingModelRunner`` (the CPU one: the cpu_embedding patch).
 """
 from __future__ import annotations
 
+from vllm_transformers_backend.options import default_runner
+
 from ._base import Patch, is_wrapped, wrap
-from .engine_args import PENDING_MODEL_IMPL, validate_model_impl
+from .engine_args import PENDING_OPTIONS, validated_options
 
 
 class ModelConfigPatch(Patch):
     name = "model_config"
-    target = "vllm.config.ModelConfig.__init__: model_impl"
+    target = "vllm.config.ModelConfig.__init__: model_impl, runner, override_pooler_config"
 
     def _owner(self):
         from vllm.config import ModelConfig
@@ -25,11 +28,24 @@ class ModelConfigPatch(Patch):
 
     def _apply(self) -> None:
         def make_init(original):
-            def __init__(self, *args, model_impl=None, **kwargs):
-                if model_impl is None:
-                    model_impl = PENDING_MODEL_IMPL.get()
-                self.model_impl = validate_model_impl(model_impl)
+            def __init__(self, *args, model_impl=None, runner=None, override_pooler_config=None, **kwargs):
+                pending = PENDING_OPTIONS.get()
+                if pending is not None and model_impl is None and runner is None and override_pooler_config is None:
+                    options = pending
+                else:
+                    options = validated_options(model_impl, runner, None, override_pooler_config)
+                self.model_impl = options["model_impl"]
+                self.override_pooler_config = options["override_pooler_config"]
                 original(self, *args, **kwargs)
+                runner_choice = options["runner"]
+                if runner_choice == "auto":
+                    architectures = list(getattr(self.hf_config, "architectures", None) or [])
+                    runner_choice = default_runner(architectures, bool(self.embedding_mode))
+                self.runner = runner_choice
+                self.embedding_mode = runner_choice == "pooling"
+                if self.embedding_mode:
+                    # vLLM decided this before embedding mode was known: nothing is generated.
+                    self.use_async_output_proc = False
 
             return __init__
 

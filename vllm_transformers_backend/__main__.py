@@ -1,4 +1,4 @@
-"""``python -m vllm_transformers_backend doctor``: versions, device and the state of every patch."""
+"""``python -m vllm_transformers_backend doctor | check MODEL``: the environment, or one model's chances."""
 from __future__ import annotations
 
 import argparse
@@ -71,9 +71,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_doctor = sub.add_parser("doctor", help="versions, device and patch status; non-zero exit if not usable")
     p_doctor.add_argument("--json", action="store_true")
+    p_check = sub.add_parser("check", help="can MODEL run on the backend (meta device, no weights loaded)? "
+                                           "non-zero exit if not")
+    p_check.add_argument("model", help="local checkpoint folder (config.json, *.safetensors)")
+    p_check.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check (default 1)")
+    p_check.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check (default 1)")
+    p_check.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modeling code")
+    p_check.add_argument("--json", action="store_true", help="machine-readable report")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         return doctor(as_json=args.json)
+    if args.command == "check":
+        from .check import main as check
+
+        return check(args.model, tp=args.tp, pp=args.pp, trust_remote_code=args.trust_remote_code, as_json=args.json)
     return 2
 
 

@@ -8,6 +8,12 @@ metadata) for the duration of the HF call; the attention function finds the laye
 it. The context is a plain module global, readable from anywhere (MLU attention backends that look
 for a global forward context, CUDA-graph capture, which runs the Python once), and always cleared.
 
+Encoder-only models (attention modules with ``is_causal=False``: BERT, RoBERTa, ESM, ...) get an
+:class:`EncoderOnlyAttention` per layer instead: vLLM 0.6.2 has no encoder-only attention type, and its
+one backend with non-causal ``ENCODER`` attention (XFormers) must be forced for the whole process. The
+backend runs an encoder on batches of equal-length prompts, so attention is unmasked SDPA within each
+sequence: no KV cache, no padding, no attention across sequences.
+
 With no context (the HF model called outside the engine) the function falls back to SDPA with the mask
 the HF code passed.
 """
@@ -21,10 +27,28 @@ import torch
 ATTN_IMPLEMENTATION = "vllm"
 
 
+class EncoderOnlyAttention:
+    """Bidirectional attention for one layer of an encoder; holds no cache."""
+
+    __slots__ = ("layer_idx",)
+
+    def __init__(self, layer_idx: int) -> None:
+        self.layer_idx = layer_idx
+
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 scaling: Optional[float], **kwargs: Any):
+        # Batches hold equal-length prompts without padding: whatever mask HF built (all keep) is moot.
+        kwargs.pop("is_causal", None)
+        return sdpa_fallback(module, query, key, value, None, scaling=scaling, dropout=0.0, is_causal=False, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"EncoderOnlyAttention(layer_idx={self.layer_idx})"
+
+
 class AttentionContext:
     """What one forward step's attention calls need: instances, KV caches, metadata."""
 
-    __slots__ = ("instances", "kv_caches", "attn_metadata", "start_layer", "called")
+    __slots__ = ("instances", "kv_caches", "attn_metadata", "start_layer", "called", "rotary")
 
     def __init__(
         self,
@@ -38,6 +62,8 @@ class AttentionContext:
         self.kv_caches = kv_caches
         self.attn_metadata = attn_metadata
         self.start_layer = start_layer
+        #: This step's rotary table for vLLM's kernel (see rotary.py), built by the first layer.
+        self.rotary: Any = None
         #: Layers whose attention ran through the interface; recorded on the first step only.
         self.called: Optional[Set[int]] = set() if record_calls else None
 
@@ -75,13 +101,15 @@ def vllm_attention_forward(
         return sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer_idx = module.layer_idx
     attn = ctx.instances[layer_idx]
+    if ctx.called is not None:
+        ctx.called.add(layer_idx)
+    if isinstance(attn, EncoderOnlyAttention):
+        return attn(module, query, key, value, scaling, **kwargs)
     num_tokens = query.shape[-2]
     q = query.transpose(1, 2).reshape(num_tokens, -1)
     k = key.transpose(1, 2).reshape(num_tokens, -1)
     v = value.transpose(1, 2).reshape(num_tokens, -1)
     out = attn(q, k, v, ctx.kv_caches[layer_idx - ctx.start_layer], ctx.attn_metadata)
-    if ctx.called is not None:
-        ctx.called.add(layer_idx)
     return out.view(1, num_tokens, -1, query.shape[-1]), None
 
 

@@ -4,8 +4,9 @@ Construction (inside vLLM's loader, under ``with torch.device(target)`` and the 
 
 1. build the HF model from its config with parameters on the meta device (buffers such as rotary
    ``inv_freq`` are computed for real, on the target device);
-2. swap ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style), RMSNorms for vLLM's, the
-   input embedding for ``VocabParallelEmbedding`` (keeping ``embed_scale``);
+2. with pipeline parallelism, keep this rank's modules (``pp_plan``, :mod:`.pipeline`); swap
+   ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style, :mod:`.tp_plan`), RMSNorms for
+   vLLM's, the input embedding for ``VocabParallelEmbedding`` (keeping ``embed_scale``);
 3. create one vLLM ``Attention`` per layer, reached from the ``"vllm"`` attention function;
 4. allocate what is still on meta on the target device; weights come later through ``load_weights``.
 """
@@ -19,14 +20,16 @@ from torch import nn
 
 from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.sequence import IntermediateTensors
 
-from . import compat, devices
+from . import compat, devices, fusion, pipeline, rotary
 from ._logging import get_logger
-from .attention import ATTN_IMPLEMENTATION, AttentionContext, attention_context, register_attention_function
+from .attention import (ATTN_IMPLEMENTATION, AttentionContext, EncoderOnlyAttention, attention_context,
+                        register_attention_function)
 from .config import BackendConfig, current_backend_config
-from .layers import make_embedding, make_linear, make_rms_norm, plan_regexes, rms_norm_form
-from .weights import (WeightsMapper, add_checkpoint_transforms, computed_buffer_ignores, legacy_renames,
-                      load_weights)
+from .layers import GatheredHeadsAttention, make_embedding, make_linear, make_rms_norm, rms_norm_form
+from .tp_plan import TPPlan, collect_tp_plan, describe
+from .weights import WeightsMapper, build_weights_mapper, load_weights
 
 logger = get_logger(__name__)
 
@@ -58,11 +61,21 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+def _gathers_heads(attention_module: Optional[nn.Module]) -> bool:
+    """Whether the plan gathers this attention module's projections (every head on every rank)."""
+    from vllm.model_executor.layers.linear import ColumnParallelLinear
+
+    return attention_module is not None and any(
+        isinstance(m, ColumnParallelLinear) and m.gather_output for m in attention_module.modules())
+
+
 class Base(nn.Module):
     """Shared by the causal and pooling wrappers: the HF model, its swapped layers, its attention."""
 
     #: The HF auto class the wrapper builds (the causal wrapper builds ``AutoModelForCausalLM``).
     hf_auto_class = "AutoModel"
+    #: Whether the wrapper can run encoder-only (bidirectional) models: only the pooling one.
+    supports_encoder = False
 
     def __init__(
         self,
@@ -94,8 +107,12 @@ class Base(nn.Module):
         self.quant_config = quant_config
         self.device = devices.current_device()
         self.dtype = torch.get_default_dtype()
+        devices.check_dtype_supported(self.device, self.dtype)  # bf16 on an MLU370: error naming fp16
         self.tp_size = get_tensor_model_parallel_world_size()
-        self.start_layer = 0
+        # This pipeline rank's decoder layers (all of them without pipeline parallelism).
+        self.start_layer, self.end_layer = 0, self.text_config.num_hidden_layers
+        self.pipeline: Optional[pipeline.PipelineStage] = None
+        self._pp_missing_prefixes: List[str] = []
         self._dispatch_verified = False
 
         hf_model = self._build_hf_model()
@@ -104,8 +121,17 @@ class Base(nn.Module):
         self._checkpoint_transforms = compat.checkpoint_transforms(hf_model)
         self._checkpoint_prefix, self.model = self._base_model_of(hf_model)
         self._check_attention_backend_support(hf_model)
+        self.is_encoder = self._detect_encoder()
+        self._setup_pipeline(hf_model)
+        self._tp_plan_map = collect_tp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
         self._replace_modules()
-        self.attention_instances: Dict[int, Attention] = self._create_attention_instances()
+        fusion.fuse_projections(self.model, quant_config=self.quant_config, tp_size=self.tp_size,
+                                head_size=self.bundle.model_config.get_head_size())
+        # vLLM's activation kernels where they exist; the CPU engine keeps HF's exact math (tests compare)
+        fusion.fuse_glu_activations(self.model, use_kernels=self.device.type != "cpu"
+                                    and not devices.prefers_native_layer_forward(self.device))
+        self.fused_rotary = rotary.fuse_rotary(self.model, self.device)
+        self.attention_instances: Dict[int, Any] = self._create_attention_instances()
         self._post_init(hf_model)
         self._materialize_parameters()
         logger.info("Transformers backend: %s (HF %s) on %s, %d attention layers of head size %d",
@@ -132,7 +158,16 @@ class Base(nn.Module):
         # classes do not know: build from transformers' own class for the same model_type.
         config = compat.transformers_config(self.config)
         config._attn_implementation = ATTN_IMPLEMENTATION
-        return self._from_config(auto_class, config, trust)
+        try:
+            return self._from_config(auto_class, config, trust)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+            raise BackendError(
+                f"transformers has no {self.hf_auto_class} class for model_type {getattr(config, 'model_type', '?')!r} "
+                f"({type(self).__name__} needs one). If this is an encoder or embedding model, run it with "
+                "runner='pooling'; a custom model needs `auto_map` and trust_remote_code=True."
+            ) from exc
 
     def _from_config(self, auto_class: Any, config: Any, trust_remote_code: bool) -> nn.Module:
         with parameters_on_meta():
@@ -164,6 +199,7 @@ class Base(nn.Module):
             "call ALL_ATTENTION_FUNCTIONS[config._attn_implementation], carry `layer_idx`, pass **kwargs down, "
             "and whose class sets `_supports_attention_backend = True`. Fix: upgrade transformers, adapt the "
             "custom modeling code, or use model_impl='vllm' if vLLM has the architecture."
+            + compat.attention_interface_hint(getattr(self.config, "model_type", None))
         )
 
     def _check_attention_backend_support(self, hf_model: nn.Module) -> None:
@@ -171,6 +207,35 @@ class Base(nn.Module):
         flag = getattr(type(hf_model), "_supports_attention_backend", None)
         if flag is False:
             raise BackendError(self._no_attention_interface_message("_supports_attention_backend is False"))
+
+    def _detect_encoder(self) -> bool:
+        """An encoder, as upstream decides it: attention modules declaring ``is_causal = False``."""
+        modules = self._innermost_attention_modules()
+        flags = {m.is_causal for m in modules}
+        if False not in flags:
+            return False
+        if True in flags:
+            raise BackendError(f"{type(self.model).__name__} mixes causal and bidirectional attention layers; "
+                               "the backend runs decoder-only or encoder-only models.")
+        if not self.supports_encoder:
+            raise BackendError(
+                f"{type(self.model).__name__} is an encoder-only model (its attention has is_causal=False): it "
+                "embeds, it does not generate. Run it with runner='pooling' (LLM(..., runner='pooling') and "
+                "llm.embed(...), or `vllm serve ... --runner pooling`)."
+            )
+        indices = [getattr(m, "layer_idx", None) for m in modules]
+        if not all(isinstance(i, int) for i in indices) or len(set(indices)) != len(indices):
+            # Some encoders (ESM before transformers 5) never number their layers; encoder attention keeps
+            # no cache, so numbering them in module order is all the attention function needs.
+            for number, module in enumerate(modules):
+                module.layer_idx = number
+        return True
+
+    def _innermost_attention_modules(self) -> List[nn.Module]:
+        """Attention modules that declare ``is_causal``, without the wrappers around them."""
+        found = [m for m in self.model.modules() if "attention" in type(m).__name__.lower() and hasattr(m, "is_causal")]
+        ids = {id(m) for m in found}
+        return [m for m in found if not any(id(c) in ids for c in m.modules() if c is not m)]
 
     @staticmethod
     def _base_model_of(hf_model: nn.Module) -> Tuple[str, nn.Module]:
@@ -194,27 +259,34 @@ class Base(nn.Module):
         return [name for name, module in hf_model.named_modules() if module is head]
 
     def _tp_plan(self) -> Dict[str, str]:
-        plan: Dict[str, str] = {}
-        plan.update(getattr(self.text_config, "base_model_tp_plan", None) or {})
-        plan.update(getattr(self.model, "_tp_plan", None) or {})
-        return plan
+        """The tp_plan relative to the body: config, body class and top model class/instance plans."""
+        return dict(self._tp_plan_map)
 
     def _replace_modules(self) -> None:
-        plan = self._tp_plan()
+        plan = TPPlan(self._tp_plan() if self.tp_size > 1 else {})
         if self.tp_size > 1 and not plan:
             raise BackendError(
-                f"{type(self.model).__name__} has no tp_plan, so it cannot be sharded over "
-                f"{self.tp_size} ranks. Add `base_model_tp_plan` to its config (or `_tp_plan` to the model "
-                "class), mapping each linear's name pattern to 'colwise'/'rowwise', or run with "
+                f"{self.hf_model_class.__name__} ({type(self.model).__name__}) has no tp_plan, so it cannot be "
+                f"sharded over {self.tp_size} ranks. Add `base_model_tp_plan` to its config (or `_tp_plan` to the "
+                "model class), mapping each linear's name pattern to 'colwise'/'rowwise', or run with "
                 "tensor_parallel_size=1."
             )
-        regexes = plan_regexes(plan) if self.tp_size > 1 else []
+        if plan:
+            kept = plan.check_unreplaced(self.model, lambda m: isinstance(m, nn.Linear) or _is_conv1d(m),
+                                         self.model.get_input_embeddings())
+            if kept:
+                logger.info("tp_plan styles of %d non-linear module(s)/tensor(s) are not sharded (kept whole on "
+                            "every rank, same result): %s", len(kept), describe(kept))
+        style_of = plan.style_of
+        # K/V projections with fewer heads than ranks hold whole (replicated) heads, as vLLM's QKV layer does.
+        total_kv_heads = self.bundle.model_config.get_total_num_kv_heads()
+        head_size = self.bundle.model_config.get_head_size()
+        kv_head_size = head_size if 1 < self.tp_size and total_kv_heads < self.tp_size else None
+        kv_out_features = total_kv_heads * head_size
+        q_out_features = self.text_config.num_attention_heads * head_size
 
-        def style_of(qualname: str) -> Optional[str]:
-            for regex, style in regexes:
-                if regex.match(qualname):
-                    return style
-            return None
+        def kv_size_for(out_features: int) -> Optional[int]:
+            return kv_head_size if out_features == kv_out_features != q_out_features else None
 
         def walk(module: nn.Module, prefix: str) -> None:
             for name, child in list(module.named_children()):
@@ -222,11 +294,13 @@ class Base(nn.Module):
                 new: Optional[nn.Module] = None
                 if isinstance(child, nn.Linear):
                     new = make_linear(child.in_features, child.out_features, child.bias is not None,
-                                      style_of(qualname), self.quant_config, f"model.{qualname}")
+                                      style_of(qualname), self.quant_config, f"model.{qualname}",
+                                      kv_head_size=kv_size_for(child.out_features))
                 elif _is_conv1d(child):
                     in_features, out_features = child.weight.shape
                     new = make_linear(in_features, out_features, child.bias is not None, style_of(qualname),
-                                      self.quant_config, f"model.{qualname}", transposed_checkpoint=True)
+                                      self.quant_config, f"model.{qualname}", transposed_checkpoint=True,
+                                      kv_head_size=kv_size_for(out_features))
                 else:
                     form = rms_norm_form(child)
                     if form is not None:
@@ -238,7 +312,7 @@ class Base(nn.Module):
 
         walk(self.model, "")
         embedding = self.model.get_input_embeddings()
-        if embedding is not None:
+        if embedding is not None and not isinstance(embedding, pipeline.PPMissingLayer):
             self.model.set_input_embeddings(
                 make_embedding(embedding, self.quant_config, "model.embed_tokens")
             )
@@ -251,18 +325,21 @@ class Base(nn.Module):
                 found[idx] = module
         return found
 
-    def _create_attention_instances(self) -> Dict[int, Attention]:
+    def _create_attention_instances(self) -> Dict[int, Any]:
+        if self.is_encoder:
+            return {idx: EncoderOnlyAttention(idx) for idx in sorted(self._attention_modules())}
         model_config = self.bundle.model_config
         text_config = self.text_config
         num_layers = text_config.num_hidden_layers
         head_size = model_config.get_head_size()
-        num_heads = text_config.num_attention_heads // self.tp_size
-        num_kv_heads = max(1, model_config.get_total_num_kv_heads() // self.tp_size)
+        total_heads, total_kv_heads = text_config.num_attention_heads, model_config.get_total_num_kv_heads()
+        num_heads = total_heads // self.tp_size
+        num_kv_heads = max(1, total_kv_heads // self.tp_size)
         softcap = getattr(text_config, "attn_logit_softcapping", None)
         modules = self._attention_modules()
         self._check_sliding_window()
         instances: Dict[int, Attention] = {}
-        for idx in range(self.start_layer, num_layers):
+        for idx in range(self.start_layer, self.end_layer):
             module = modules.get(idx)
             module_head = getattr(module, "head_dim", head_size) if module is not None else head_size
             if isinstance(module_head, int) and module_head != head_size:
@@ -277,6 +354,8 @@ class Base(nn.Module):
                     num_heads, head_size, scale, num_kv_heads=num_kv_heads, cache_config=self.cache_config,
                     quant_config=self.quant_config, logits_soft_cap=softcap, prefix=f"model.layers.{idx}.attn",
                 )
+                if self.tp_size > 1 and _gathers_heads(module):
+                    instances[idx] = GatheredHeadsAttention(instances[idx], total_heads, total_kv_heads, head_size)
             except (ValueError, NotImplementedError) as exc:
                 if softcap is not None:
                     raise BackendError(
@@ -322,10 +401,18 @@ class Base(nn.Module):
         intermediate_tensors: Any = None,
         inputs_embeds: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        if self.is_encoder:
+            return self._encoder_forward(input_ids, attn_metadata)
         ctx = AttentionContext(self.attention_instances, kv_caches, attn_metadata, self.start_layer,
                                record_calls=not self._dispatch_verified)
         hf_inputs: Dict[str, Any] = {"position_ids": positions[None, ...]}
-        if inputs_embeds is not None:
+        stage = self.pipeline
+        if stage is not None and not stage.is_first:
+            # The previous rank's hidden states go to this rank's first layer (a pre-hook); what the body
+            # computes from inputs_embeds before that layer is discarded.
+            stage.received = intermediate_tensors["hidden_states"][None, ...]
+            hf_inputs["inputs_embeds"] = stage.received
+        elif inputs_embeds is not None:
             hf_inputs["inputs_embeds"] = inputs_embeds[None, ...]
         else:
             hf_inputs["input_ids"] = input_ids[None, ...]
@@ -333,7 +420,43 @@ class Base(nn.Module):
             outputs = self.model(**hf_inputs, use_cache=False, return_dict=False)
         if ctx.called is not None:
             self._verify_dispatch(ctx.called)
+        if stage is not None:
+            stage.received = None
+            if not stage.is_last:
+                sent, stage.sent = stage.sent, None
+                return IntermediateTensors({"hidden_states": sent[0, ...]})
         return outputs[0][0, ...]
+
+    def _encoder_forward(self, input_ids: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """Runs the step's prompts through the HF encoder in batches of equal length and returns their
+        tokens' hidden states in the step's flattened order.
+
+        Equal lengths need no padding: HF derives positions per sequence itself (absolute, RoBERTa's
+        offset past the padding index, ESM's rotary), attention never crosses sequences, and nothing
+        depends on the batch's padding (transformers 4.x ESM scales masked-token embeddings by the
+        padded length)."""
+        seq_lens = getattr(attn_metadata, "seq_lens", None)
+        if not seq_lens or getattr(attn_metadata, "num_decode_tokens", 0):
+            raise BackendError("an encoder-only model runs whole prompts only (vLLM's embedding runner); this step "
+                               "has no prompt lengths or has decode tokens.")
+        starts: Dict[int, List[int]] = {}
+        offset = 0
+        for length in seq_lens:
+            starts.setdefault(length, []).append(offset)
+            offset += length
+        out: Optional[torch.Tensor] = None
+        for length, group in starts.items():
+            index = (torch.tensor(group)[:, None] + torch.arange(length)[None, :]).to(input_ids.device)
+            ctx = AttentionContext(self.attention_instances, [], attn_metadata, record_calls=not self._dispatch_verified)
+            with attention_context(ctx):
+                hidden = self.model(input_ids=input_ids[index], return_dict=False)[0]
+            if ctx.called is not None:
+                self._verify_dispatch(ctx.called)
+            if out is None:
+                out = hidden.new_empty((input_ids.shape[0], hidden.shape[-1]))
+            out[index.reshape(-1)] = hidden.reshape(-1, hidden.shape[-1])
+        assert out is not None
+        return out
 
     def _verify_dispatch(self, called: set) -> None:
         expected = set(self.attention_instances)
@@ -350,25 +473,58 @@ class Base(nn.Module):
     # --- weights ----------------------------------------------------------------------------------
 
     def weights_mapper(self) -> WeightsMapper:
-        cls = self.hf_model_class
-        mapper = WeightsMapper()
-        for pattern, replacement in (getattr(cls, "_checkpoint_conversion_mapping", None) or {}).items():
-            mapper.add_rename(pattern, replacement)
-        add_checkpoint_transforms(mapper, self._checkpoint_transforms)
-        legacy_renames(mapper)
-        for name in self._output_embedding_names:
-            mapper.prefixes.append((f"{name}.", "lm_head."))
-        prefixes = [p for p in dict.fromkeys((self._checkpoint_prefix, getattr(cls, "base_model_prefix", ""))) if p]
-        for prefix in prefixes:
-            mapper.prefixes += [(f"{prefix}.lm_head.", "lm_head."), (f"{prefix}.", "model."), (f"{prefix}.", "")]
-        mapper.prefixes.append(("", "model."))
-        for pattern in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ():
-            mapper.add_ignore_unexpected(pattern)
-        computed_buffer_ignores(mapper)
-        return mapper
+        return build_weights_mapper(self.hf_model_class, self._checkpoint_prefix, self._output_embedding_names,
+                                    self._checkpoint_transforms)
 
     def _skipped_weights(self) -> Tuple[str, ...]:
         return ()
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
-        return load_weights(self, weights, self.weights_mapper(), skip=self._skipped_weights())
+        mapper = self.weights_mapper()
+        if self._pp_missing_prefixes:
+            weights = self._pipeline_local_weights(weights, mapper)
+        return load_weights(self, weights, mapper, skip=self._skipped_weights())
+
+    def _pipeline_local_weights(self, weights: Iterable[Tuple[str, torch.Tensor]],
+                                mapper: WeightsMapper) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Drops the checkpoint tensors of modules that live on other pipeline ranks (a tensor that maps to
+        a parameter of this rank is always kept)."""
+        targets = {**dict(self.named_buffers()), **dict(self.named_parameters(remove_duplicate=False))}
+        for name, tensor in weights:
+            if mapper.map(name, targets) is None and pipeline.is_missing_weight(mapper.candidates(name),
+                                                                                 self._pp_missing_prefixes):
+                continue
+            yield name, tensor
+
+    # --- pipeline parallelism ---------------------------------------------------------------------
+
+    def _setup_pipeline(self, hf_model: nn.Module) -> None:
+        """With pipeline parallelism, keeps this rank's part of the body (``pp_plan``)."""
+        rank, size = pipeline.pp_rank_and_size()
+        if size == 1:
+            return
+        plan = pipeline.collect_pp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
+        if not plan:
+            raise BackendError(
+                f"{self.hf_model_class.__name__} ({type(self.model).__name__}) has no pp_plan, so it cannot be split "
+                f"over {size} pipeline ranks. Add `base_model_pp_plan` to its config (or `_pp_plan` to the model "
+                "class): the body's modules in forward order, e.g. {'embed_tokens': (['input_ids'], "
+                "['inputs_embeds']), 'layers': (['hidden_states', 'attention_mask'], ['hidden_states']), "
+                "'norm': (['hidden_states'], ['hidden_states'])}; or run with pipeline_parallel_size=1."
+            )
+        try:
+            self.pipeline = pipeline.split_body(self.model, plan, self.text_config.num_hidden_layers, rank, size,
+                                                keep_input_embedding_on_last=compat.ties_word_embeddings(self.config))
+        except pipeline.PipelineError as exc:
+            raise BackendError(f"{self.hf_model_class.__name__}: {exc}") from exc
+        self.start_layer, self.end_layer = self.pipeline.start_layer, self.pipeline.end_layer
+        self._pp_missing_prefixes = [f"model.{name}." for name in self.pipeline.missing]
+        logger.info("pipeline rank %d/%d: layers %d-%d of %d%s", rank, size, self.start_layer, self.end_layer - 1,
+                    self.text_config.num_hidden_layers,
+                    f"; elsewhere: {', '.join(self.pipeline.missing)}" if self.pipeline.missing else "")
+
+    def make_empty_intermediate_tensors(self, batch_size: int, dtype: torch.dtype,
+                                        device: torch.device) -> IntermediateTensors:
+        """What a later pipeline rank receives: the hidden states (HF layers keep the residual inside)."""
+        hidden = torch.zeros((batch_size, self.text_config.hidden_size), dtype=dtype, device=device)
+        return IntermediateTensors({"hidden_states": hidden})

@@ -13,6 +13,7 @@ from vllm.model_executor.sampling_metadata import SamplingMetadata
 
 from . import compat
 from .base import Base
+from .pipeline import PPMissingLayer
 
 
 def logit_scale_of(text_config: Any) -> float:
@@ -34,11 +35,16 @@ class TransformersForCausalLM(Base):
         vocab_size = text_config.vocab_size
         head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
         has_bias = head is not None and getattr(head, "bias", None) is not None
-        self.lm_head = ParallelLMHead(
-            vocab_size, text_config.hidden_size, bias=has_bias, quant_config=self.quant_config, prefix="lm_head"
-        )
         self.tie_word_embeddings = compat.ties_word_embeddings(self.config)
-        if self.tie_word_embeddings:
+        if self.pipeline is not None and not self.pipeline.is_last:
+            # The LM head lives on the last pipeline rank (vLLM computes logits there only).
+            self.lm_head = PPMissingLayer()
+            self._pp_missing_prefixes.append("lm_head.")
+        else:
+            self.lm_head = ParallelLMHead(
+                vocab_size, text_config.hidden_size, bias=has_bias, quant_config=self.quant_config, prefix="lm_head"
+            )
+        if self.tie_word_embeddings and not isinstance(self.lm_head, PPMissingLayer):
             embedding = self.model.get_input_embeddings()
             if not isinstance(embedding, VocabParallelEmbedding):
                 raise ValueError(f"cannot tie lm_head to {type(embedding).__name__}")

@@ -22,6 +22,23 @@ class UnsupportedVersionError(RuntimeError):
     """A dependency is installed in a version the backend cannot work with."""
 
 
+#: Encoders whose HF attention goes through ALL_ATTENTION_FUNCTIONS only from a given release (found by
+#: reading each release's modeling file); older releases build name-keyed attention classes.
+ENCODER_INTERFACE_SINCE: Dict[str, str] = {
+    "esm": "4.56.0",
+    **{model_type: "5.0.0" for model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert",
+                                              "albert", "data2vec-text", "ernie")},
+}
+
+
+def attention_interface_hint(model_type: Optional[str]) -> str:
+    """Which transformers release to install for a model type whose attention bypasses the interface."""
+    since = ENCODER_INTERFACE_SINCE.get(model_type or "")
+    if since is None:
+        return ""
+    return f" {model_type} goes through the attention interface from transformers {since}: install transformers>={since}."
+
+
 @functools.lru_cache(maxsize=None)
 def installed_version(dist: str) -> Optional[Version]:
     try:

@@ -3,17 +3,46 @@
 The backend never names a device type itself: it allocates on the device vLLM's loader made the
 default (``with torch.device(target)`` around model construction). This module is the one place that
 knows device-type names.
+
+Cambricon MLU: ``torch_mlu`` registers the ``"mlu"`` device and ``torch.mlu`` (an API mirroring
+``torch.cuda``). It is imported only when the model already sits on an MLU, i.e. inside the worker
+that vLLM put on it; the parent process only asks whether it is installed (``find_spec``), because
+initialising the MLU before vLLM forks its workers makes them fail ("Cannot re-initialize MLU in
+forked subprocess").
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from typing import Any, Optional
 
 import torch
 
+#: The first MLU generation with bfloat16 (MLU5xx); the MLU370 (capability 3) has float16 only.
+MLU_BF16_MIN_CAPABILITY = 5
+
+
+class UnsupportedDtypeError(ValueError):
+    """The model's dtype cannot run on this device (the message names the dtype to use instead)."""
+
 
 def current_device() -> torch.device:
-    """The default device in effect: the one vLLM's loader chose for the model."""
-    getter = getattr(torch, "get_default_device", None)  # torch >= 2.3
+    """The default device in effect: the one vLLM's loader chose for the model.
+
+    vLLM's loader uses ``with torch.device(target)``, which pushes a ``DeviceContext`` function mode.
+    On torch 2.4 ``torch.get_default_device()`` does not see it (it reports the CPU), so the innermost
+    such mode is read from the mode stack first. Nothing is allocated: asking initialises no device.
+    """
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+    except ImportError:  # private torch API: fall back to the public getter
+        modes: list = []
+    else:
+        modes = [m for m in _get_current_function_mode_stack() if isinstance(m, DeviceContext)]
+    if modes:
+        return torch.device(modes[-1].device)
+    getter = getattr(torch, "get_default_device", None)  # torch >= 2.3 (set_default_device)
     if getter is not None:
         return torch.device(getter())
     return torch.empty(0).device
@@ -24,13 +53,62 @@ def has_torch_mlu() -> bool:
     return importlib.util.find_spec("torch_mlu") is not None
 
 
+def is_mlu(device: torch.device) -> bool:
+    return torch.device(device).type == "mlu"
+
+
+def device_module(device: torch.device) -> Optional[Any]:
+    """``torch.cuda`` / ``torch.mlu`` for an accelerator, None for the CPU and other devices.
+
+    For an MLU, ``torch_mlu`` is imported here if nobody did yet (a model on an MLU means vLLM has
+    already initialised it in this process).
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda
+    if kind == "mlu":
+        if getattr(torch, "mlu", None) is None:
+            try:
+                importlib.import_module("torch_mlu")
+            except ImportError as exc:
+                raise RuntimeError("the model is on an MLU device but torch_mlu cannot be imported: "
+                                   f"{exc}") from exc
+        return torch.mlu  # type: ignore[attr-defined]
+    return None
+
+
+def check_dtype_supported(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuses bfloat16 on an MLU without it (MLU3xx such as the MLU370), naming float16.
+
+    CUDA GPUs without bfloat16 are refused by vLLM's own worker; Cambricon's vLLM 0.6.x worker has
+    the same check, but a fork that skips it would otherwise fail deep inside a kernel.
+    """
+    device = torch.device(device)
+    if dtype != torch.bfloat16 or not is_mlu(device):
+        return
+    mlu = device_module(device)
+    index = device.index if device.index is not None else mlu.current_device()
+    props = mlu.get_device_properties(index)
+    major, minor = int(getattr(props, "major", 0)), int(getattr(props, "minor", 0))
+    if major >= MLU_BF16_MIN_CAPABILITY:
+        return
+    name = getattr(props, "name", None) or "this MLU"
+    raise UnsupportedDtypeError(
+        f"bfloat16 needs a Cambricon MLU5xx (capability >= {MLU_BF16_MIN_CAPABILITY}.0); {name} "
+        f"(mlu:{index}, capability {major}.{minor}) supports float16. Rerun with dtype='float16' "
+        "(--dtype float16 on the command line), or on an MLU5xx."
+    )
+
+
 def prefers_native_layer_forward(device: torch.device) -> bool:
     """Whether vLLM CustomOps should run their portable PyTorch forward on this device.
 
     vLLM 0.6.2 dispatches CustomOps by platform; on a device it does not know (an MLU, or a CUDA wheel
     running on the CPU) it falls through to the CUDA kernels. Only CUDA and vLLM's own CPU build have
-    kernels for the layers the backend swaps in.
+    kernels for the layers the backend swaps in. A Cambricon tree whose ``CustomOp`` has
+    ``forward_mlu`` dispatches MLU layers itself (to its kernels or the native forward): left alone.
     """
+    from vllm.model_executor.custom_op import CustomOp
     from vllm.utils import is_cpu
 
     kind = torch.device(device).type
@@ -38,4 +116,12 @@ def prefers_native_layer_forward(device: torch.device) -> bool:
         return False
     if kind == "cpu":
         return not is_cpu()
+    if kind == "mlu" and hasattr(CustomOp, "forward_mlu"):
+        return False
     return True
+
+
+def has_vllm_gpu_kernels(device: torch.device) -> bool:
+    """Whether vLLM's CUDA kernels (``vllm._C``) serve this device: the backend then calls them directly
+    for speed (rotary embedding) where HF would run many small PyTorch kernels."""
+    return torch.device(device).type == "cuda"

@@ -12,6 +12,8 @@ from typing import Any, Dict, Optional, Tuple, Type
 import torch
 from torch import nn
 
+from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                              tensor_model_parallel_all_gather)
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -41,13 +43,87 @@ class UnsupportedTPStyleError(ValueError):
     pass
 
 
-#: Tensor-parallel styles of transformers' ``tp_plan`` (4.x names and the 5.1 renames) -> a vLLM linear.
-#: "local_*" styles mean "shard without DTensor", which is what vLLM's layers do anyway.
+class HFKVHeadColumnParallelLinear(_TensorOutput, ColumnParallelLinear):
+    """A column-parallel K or V projection with fewer KV heads than TP ranks.
+
+    A plain ``ColumnParallelLinear`` would split one head's rows between ranks. vLLM's own
+    ``QKVParallelLinear`` instead gives every rank one whole head, rank ``r`` holding head
+    ``r * num_kv_heads // tp`` (each head replicated on ``tp // num_kv_heads`` ranks); this layer does
+    the same for a separate ``k_proj``/``v_proj``, so that each rank's query heads find their KV head.
+    ``output_size`` stays the checkpoint's (all heads), as for any column-parallel layer.
+    """
+
+    def __init__(self, input_size: int, output_size: int, head_size: int, bias: bool, quant_config: Any = None,
+                 prefix: str = "") -> None:
+        tp_size = get_tensor_model_parallel_world_size()
+        num_heads = output_size // head_size
+        if num_heads * head_size != output_size or num_heads >= tp_size or tp_size % num_heads:
+            raise UnsupportedTPStyleError(
+                f"{prefix}: {output_size} output features are not {num_heads} KV heads of size {head_size} that "
+                f"can be replicated over {tp_size} ranks (the ranks must be a multiple of the KV heads)")
+        self.num_kv_head_replicas = tp_size // num_heads
+        # The base class divides output_size by tp_size: ask for one head per rank (as QKVParallelLinear does).
+        super().__init__(input_size, head_size * tp_size, bias=bias, quant_config=quant_config, prefix=prefix)
+        self.output_size = output_size
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is not None:
+            if loaded_weight.shape[output_dim] != self.output_size:
+                raise UnsupportedTPStyleError(
+                    f"checkpoint tensor has {loaded_weight.shape[output_dim]} output features, expected "
+                    f"{self.output_size}")
+            size = param.data.shape[output_dim]
+            head = get_tensor_model_parallel_rank() // self.num_kv_head_replicas
+            loaded_weight = loaded_weight.narrow(output_dim, head * size, size)
+        if param.data.shape != loaded_weight.shape:
+            raise UnsupportedTPStyleError(f"shape mismatch: {tuple(param.data.shape)} vs {tuple(loaded_weight.shape)}")
+        param.data.copy_(loaded_weight)
+
+    def weight_loader_v2(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        raise UnsupportedTPStyleError(
+            "KV heads replicated over ranks are not supported with this quantization method; run with "
+            "tensor_parallel_size <= the number of KV heads")
+
+
+class HFPackedColumnParallelLinear(_TensorOutput, ColumnParallelLinear):
+    """``packed_colwise``: the output packs two projections (``gate_up_proj`` = [gate; up]); each rank keeps
+    its slice of each half, in order, so that HF's ``chunk(2)`` of the output still splits gate from up."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True, quant_config: Any = None,
+                 prefix: str = "") -> None:
+        tp_size = get_tensor_model_parallel_world_size()
+        if output_size % (2 * tp_size):
+            raise UnsupportedTPStyleError(f"{prefix}: packed_colwise needs output features ({output_size}) "
+                                          f"divisible by 2 x {tp_size} ranks")
+        super().__init__(input_size, output_size, bias=bias, quant_config=quant_config, prefix=prefix)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is not None:
+            size = param.data.shape[output_dim] // 2
+            rank = get_tensor_model_parallel_rank()
+            loaded_weight = torch.cat([half.narrow(output_dim, rank * size, size)
+                                       for half in loaded_weight.chunk(2, dim=output_dim)], dim=output_dim)
+        if param.data.shape != loaded_weight.shape:
+            raise UnsupportedTPStyleError(f"shape mismatch: {tuple(param.data.shape)} vs {tuple(loaded_weight.shape)}")
+        param.data.copy_(loaded_weight)
+
+    def weight_loader_v2(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        raise UnsupportedTPStyleError("packed_colwise is not supported with this quantization method")
+
+
+#: ``tp_plan`` styles of transformers (4.48-4.57 names and the 5.x ones) for an ``nn.Linear`` -> vLLM linear.
+#: Semantics follow transformers' own: a column layer keeps its output sharded unless the style gathers it;
+#: a row layer takes a sharded input (or splits a full one: ``*_rep``/``split_input``) and sums the ranks.
+#: ``local_rowwise`` leaves that sum to an enclosing ``gather`` module in transformers; vLLM's row layer
+#: reduces itself and ``gather`` modules are left alone (see :mod:`.tp_plan`), which is the same sum.
 _STYLE_TO_LINEAR: Dict[str, Tuple[type, Dict[str, Any]]] = {
     "colwise": (HFColumnParallelLinear, {}),
     "local_colwise": (HFColumnParallelLinear, {}),
     "colwise_rep": (HFColumnParallelLinear, {"gather_output": True}),
     "colwise_gather_output": (HFColumnParallelLinear, {"gather_output": True}),
+    "packed_colwise": (HFPackedColumnParallelLinear, {}),
     "rowwise": (HFRowParallelLinear, {}),
     "local_rowwise": (HFRowParallelLinear, {}),
     "rowwise_rep": (HFRowParallelLinear, {"input_is_parallel": False}),
@@ -55,6 +131,10 @@ _STYLE_TO_LINEAR: Dict[str, Tuple[type, Dict[str, Any]]] = {
     "replicate": (HFReplicatedLinear, {}),
     "replicated_with_grad_allreduce": (HFReplicatedLinear, {}),
     "sequence_parallel": (HFReplicatedLinear, {}),
+    # DeepSeek's kv_a_proj_with_mqa: replicated weights (the style only fixes gradients in training).
+    "mla_kv_a_proj": (HFReplicatedLinear, {}),
+    # transformers divides a "local" layer's weights by the ranks and lets the enclosing "gather" module sum
+    # them back; here the weights stay whole and "gather" does nothing: the same result.
     "local": (HFReplicatedLinear, {}),
 }
 
@@ -66,7 +146,7 @@ def linear_class_for_style(style: Optional[str]) -> Tuple[type, Dict[str, Any]]:
         return _STYLE_TO_LINEAR[style]
     except KeyError:
         raise UnsupportedTPStyleError(
-            f"tp_plan style {style!r} has no vLLM equivalent in this backend (known: "
+            f"tp_plan style {style!r} has no vLLM equivalent for an nn.Linear in this backend (known: "
             f"{', '.join(sorted(_STYLE_TO_LINEAR))})"
         ) from None
 
@@ -79,10 +159,20 @@ def make_linear(
     quant_config: Any,
     prefix: str,
     transposed_checkpoint: bool = False,
+    *,
+    kv_head_size: Optional[int] = None,
 ) -> nn.Module:
-    """A vLLM linear for one HF ``nn.Linear`` (or GPT-2 ``Conv1D`` with ``transposed_checkpoint``)."""
+    """A vLLM linear for one HF ``nn.Linear`` (or GPT-2 ``Conv1D`` with ``transposed_checkpoint``).
+
+    ``kv_head_size``: the layer is a K or V projection with fewer heads than ranks; a column-parallel
+    style then gives each rank one whole (replicated) head instead of splitting heads.
+    """
     cls, extra = linear_class_for_style(style)
-    layer = cls(in_features, out_features, bias=bias, quant_config=quant_config, prefix=prefix, **extra)
+    if kv_head_size is not None and cls is HFColumnParallelLinear and not extra.get("gather_output"):
+        layer: nn.Module = HFKVHeadColumnParallelLinear(in_features, out_features, kv_head_size, bias=bias,
+                                                        quant_config=quant_config, prefix=prefix)
+    else:
+        layer = cls(in_features, out_features, bias=bias, quant_config=quant_config, prefix=prefix, **extra)
     if transposed_checkpoint:
         # Conv1D stores its weight as [in, out]; vLLM's loaders shard [out, in].
         loader = layer.weight.weight_loader
@@ -197,6 +287,36 @@ def plan_regexes(plan: Dict[str, str]) -> list:
     """transformers' plan keys use ``*`` for layer indices; match them against module qualnames."""
     compiled = []
     for pattern, style in plan.items():
-        regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
+        regex = re.compile("^" + re.escape(pattern.lstrip("^").rstrip("$")).replace(r"\*", r"[^.]+") + "$")
         compiled.append((regex, style))
     return compiled
+
+
+class GatheredHeadsAttention(nn.Module):
+    """vLLM ``Attention`` for a layer whose HF module computes q/k/v for every head on every rank.
+
+    Plans replicate attention where a full-width step sits between the projections and the heads (OLMo 2's
+    q/k norms, Phi-3's fused qkv slicing): q/k/v are ``colwise_rep`` (gathered) and ``o_proj`` is
+    ``rowwise_rep`` (splits its full input). vLLM's KV cache holds only this rank's heads, so this rank
+    attends with its own query heads and KV head(s) (vLLM's assignment: rank ``r`` keeps KV heads from
+    ``r * num_kv_heads // tp``), and the ranks' outputs are gathered back to all heads.
+    """
+
+    def __init__(self, attn: nn.Module, num_heads: int, num_kv_heads: int, head_size: int) -> None:
+        super().__init__()
+        tp_size, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        self.attn = attn
+        local_q, local_kv = num_heads // tp_size, max(1, num_kv_heads // tp_size)
+        self.full_q, self.full_kv = num_heads * head_size, num_kv_heads * head_size
+        self.q_start, self.q_size = rank * local_q * head_size, local_q * head_size
+        self.kv_start, self.kv_size = (rank * num_kv_heads // tp_size) * head_size, local_kv * head_size
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: Any, attn_metadata: Any):
+        gathered = q.shape[-1] == self.full_q
+        if gathered:
+            q = q.narrow(-1, self.q_start, self.q_size).contiguous()
+        if k.shape[-1] == self.full_kv and self.full_kv != self.kv_size:
+            k = k.narrow(-1, self.kv_start, self.kv_size).contiguous()
+            v = v.narrow(-1, self.kv_start, self.kv_size).contiguous()
+        out = self.attn(q, k, v, kv_cache, attn_metadata)
+        return tensor_model_parallel_all_gather(out) if gathered else out

@@ -1,7 +1,9 @@
 """Which model class vLLM builds: ``model_impl`` resolution.
 
 ``transformers`` forces the backend, ``vllm`` forces vLLM's own model, ``auto`` takes vLLM's own when
-vLLM 0.6.2 has one of the config's architectures and the backend otherwise. Called by the patched
+vLLM 0.6.2 has one of the config's architectures and the backend otherwise. With ``runner="pooling"``
+vLLM's own counts only for its embedding architectures (0.6.2 cannot pool a ``...ForCausalLM``), and the
+backend builds its embedding model. Called by the patched
 ``get_model_architecture`` at model load and per request (input processing), so it is cheap and always
 returns the same class object for the same model.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable, Set, Tuple, Type
 
 from torch import nn
+
+from .options import runner_of
 
 _logged: Set[Tuple[str, str, str]] = set()
 
@@ -31,7 +35,21 @@ def native_architecture(architectures: list) -> str | None:
     return next((a for a in architectures if a in supported), None)
 
 
+def native_architecture_for(model_config: Any, architectures: list) -> str | None:
+    """vLLM's own architecture able to run this config's runner, if any."""
+    arch = native_architecture(architectures)
+    if arch is None or runner_of(model_config) != "pooling":
+        return arch
+    from vllm.model_executor.models import ModelRegistry
+
+    return arch if ModelRegistry.is_embedding_model(arch) else None
+
+
 def backend_class(model_config: Any) -> Type[nn.Module]:
+    if runner_of(model_config) == "pooling":
+        from .pooling import TransformersForEmbedding
+
+        return TransformersForEmbedding
     from .causal import TransformersForCausalLM
 
     return TransformersForCausalLM
@@ -40,7 +58,13 @@ def backend_class(model_config: Any) -> Type[nn.Module]:
 def resolve_model_architecture(model_config: Any, native: Callable[[Any], Tuple[Type[nn.Module], str]]):
     impl = getattr(model_config, "model_impl", "auto")
     architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
-    if impl == "vllm" or (impl == "auto" and native_architecture(architectures)):
+    if impl == "vllm" and runner_of(model_config) == "pooling" and not native_architecture_for(
+            model_config, architectures):
+        raise ValueError(
+            f"vLLM 0.6.2 has no embedding implementation of {architectures}: runner='pooling' with "
+            "model_impl='vllm' works only for its own embedding models. Use model_impl='transformers' (or 'auto')."
+        )
+    if impl == "vllm" or (impl == "auto" and native_architecture_for(model_config, architectures)):
         cls, arch = native(model_config)
         _log_choice(model_config, impl, f"vLLM's own {cls.__name__}", arch)
         return cls, arch

@@ -112,6 +112,37 @@ def computed_buffer_ignores(mapper: WeightsMapper) -> None:
         mapper.add_ignore(pattern)
 
 
+def build_weights_mapper(
+    hf_model_class: type,
+    checkpoint_prefix: str,
+    output_embedding_names: Sequence[str],
+    checkpoint_transforms: Sequence[object] = (),
+) -> WeightsMapper:
+    """The mapper for a backend model built from ``hf_model_class`` (HF's class, e.g. ``LlamaForCausalLM``).
+
+    ``checkpoint_prefix``: the body's attribute name in HF checkpoints (``model``, ``transformer``);
+    ``output_embedding_names``: qualified names of HF's output embedding (``lm_head``, ``embed_out``),
+    loaded into the backend's ``lm_head``; ``checkpoint_transforms``: transformers 5 transforms.
+    Used by the backend at load time and by ``check`` without building the backend.
+    """
+    cls = hf_model_class
+    mapper = WeightsMapper()
+    for pattern, replacement in (getattr(cls, "_checkpoint_conversion_mapping", None) or {}).items():
+        mapper.add_rename(pattern, replacement)
+    add_checkpoint_transforms(mapper, checkpoint_transforms)
+    legacy_renames(mapper)
+    for name in output_embedding_names:
+        mapper.prefixes.append((f"{name}.", "lm_head."))
+    prefixes = [p for p in dict.fromkeys((checkpoint_prefix, getattr(cls, "base_model_prefix", ""))) if p]
+    for prefix in prefixes:
+        mapper.prefixes += [(f"{prefix}.lm_head.", "lm_head."), (f"{prefix}.", "model."), (f"{prefix}.", "")]
+    mapper.prefixes.append(("", "model."))
+    for pattern in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ():
+        mapper.add_ignore_unexpected(pattern)
+    computed_buffer_ignores(mapper)
+    return mapper
+
+
 def _default_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
         raise WeightsLoadingError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")

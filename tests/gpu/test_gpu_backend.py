@@ -3,10 +3,10 @@ graphs off and on (vLLM's ``check_logprobs_close`` rule: at the first differing 
 is in the other's top-5)."""
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
+
+from tests.gpu.support import check_logprobs_close, run_engine
 
 MAX_TOKENS = 32
 PROMPTS = [[1, 15, 27, 300, 4000, 12, 7], [5, 6], [900 + i for i in range(40)], [31] * 12]
@@ -23,42 +23,12 @@ def _llama(path):
     return path
 
 
-def _run(path, model_impl, enforce_eager):
-    from vllm import LLM, SamplingParams
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-    llm = LLM(model=str(path), model_impl=model_impl, dtype="bfloat16", skip_tokenizer_init=True,
-              enforce_eager=enforce_eager, gpu_memory_utilization=0.3, max_model_len=1024, seed=0)
-    try:
-        model = llm.llm_engine.model_executor.driver_worker.model_runner.model
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                            SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True),
-                            use_tqdm=False)
-        norms = {type(m).__name__ for n, m in model.named_modules() if n.endswith("norm")}
-        return type(model).__name__, norms, [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
-    finally:
-        del llm
-        destroy_model_parallel()
-        destroy_distributed_environment()
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def check_logprobs_close(a, b):
-    for (tokens_a, lps_a), (tokens_b, lps_b) in zip(a, b):
-        for i, (ta, tb) in enumerate(zip(tokens_a, tokens_b)):
-            if ta != tb:
-                assert ta in lps_b[i] and tb in lps_a[i], f"step {i}: {ta} vs {tb} not in each other's top-5"
-                break
-
-
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
 def test_logprobs_close_to_native(tmp_path, enforce_eager):
     path = _llama(tmp_path / "llama")
-    native_cls, _, native = _run(path, "vllm", enforce_eager)
-    backend_cls, backend_norms, backend = _run(path, "transformers", enforce_eager)
-    assert (native_cls, backend_cls) == ("LlamaForCausalLM", "TransformersForCausalLM")
-    assert backend_norms == {"HFRMSNorm"}, backend_norms
-    check_logprobs_close(native, backend)
-    same = sum(a[0] == b[0] for a, b in zip(native, backend))
+    native = run_engine(path, "vllm", enforce_eager, PROMPTS, MAX_TOKENS, max_model_len=1024)
+    backend = run_engine(path, "transformers", enforce_eager, PROMPTS, MAX_TOKENS, max_model_len=1024)
+    assert (native.model_class, backend.model_class) == ("LlamaForCausalLM", "TransformersForCausalLM")
+    assert backend.norm_classes == {"HFRMSNorm"}, backend.norm_classes
+    same = check_logprobs_close(native.outputs, backend.outputs, "native", "backend")
     print(f"enforce_eager={enforce_eager}: {same}/{len(PROMPTS)} prompts token-identical over {MAX_TOKENS} tokens")

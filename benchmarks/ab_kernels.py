@@ -1,0 +1,69 @@
+"""A/B of the backend's speed features inside one engine (no restart between variants): rotary through
+vLLM's kernel, one-kernel gated MLP activation. Eager engine, prefill-only and short decode batches,
+wall time per variant (best of 3).
+
+    python benchmarks/ab_kernels.py [--checkpoint /tmp/llama1b-random]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+
+from profile_step import build_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", default="/tmp/llama1b-random")
+    args = parser.parse_args()
+    path = build_checkpoint(args.checkpoint)
+    from vllm import LLM, SamplingParams
+
+    from vllm_transformers_backend.fusion import _glu_forward
+
+    llm = LLM(model=path, model_impl="transformers", skip_tokenizer_init=True, gpu_memory_utilization=0.5,
+              enforce_eager=True, seed=0)
+    model = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    llama = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    fused_rotary = llama.apply_rotary_pos_emb
+    plain_rotary = getattr(fused_rotary, "__wrapped__", fused_rotary)
+    mlps = [m for m in model.modules() if hasattr(m, "vllm_act_and_mul")]
+    print(f"fused rotary: {fused_rotary is not plain_rotary}; GLU MLPs: {len(mlps)}", flush=True)
+
+    def setup(rotary: bool, glu: bool) -> None:
+        llama.apply_rotary_pos_emb = fused_rotary if rotary else plain_rotary
+        for mlp in mlps:
+            if glu:
+                mlp.forward = _glu_forward.__get__(mlp)
+            else:
+                mlp.__dict__.pop("forward", None)
+
+    rng = random.Random(0)
+    prefill = [{"prompt_token_ids": [rng.randrange(100, 31000) for _ in range(1024)]} for _ in range(16)]
+    decode = [{"prompt_token_ids": [rng.randrange(100, 31000) for _ in range(16)]} for _ in range(128)]
+    variants = [("all on", True, True), ("rotary off", False, True), ("glu off", True, False),
+                ("all off", False, False)]
+    print(f"{'variant':<12} {'prefill 16x1024 (s)':>20} {'decode 128x32 eager (s)':>24}", flush=True)
+    for name, rotary, glu in variants:
+        setup(rotary, glu)
+        times = []
+        for prompts, tokens in ((prefill, 1), (decode, 32)):
+            params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+            llm.generate(prompts[:2], params, use_tqdm=False)
+            best = float("inf")
+            for _ in range(3):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+        print(f"{name:<12} {times[0]:>20.3f} {times[1]:>24.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

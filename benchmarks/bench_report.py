@@ -1,0 +1,147 @@
+"""Throughput results: the JSON file several invocations merge into, the medians per configuration, the
+Markdown table for the README and the PNG chart (matplotlib optional)."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from bench_specs import MODEL_LABELS
+
+SCHEMA = 1
+_IMPL_ORDER = {"vllm": 0, "transformers": 1, "hf": 2}
+_MODEL_ORDER = {"tiny": 0, "1b": 1, "8b": 2}
+_WORKLOAD_ORDER = {"decode": 0, "prefill": 1}
+
+
+def load(path: Path) -> Dict[str, Any]:
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("schema") == SCHEMA:
+            return data
+        raise SystemExit(f"{path} has schema {data.get('schema')}, expected {SCHEMA}: pass --fresh to start over")
+    return empty()
+
+
+def empty() -> Dict[str, Any]:
+    return {"schema": SCHEMA, "invocations": [], "checkpoints": {}, "runs": [], "failures": []}
+
+
+def save(path: Path, data: Dict[str, Any]) -> None:
+    """Atomic write: a run killed mid-write (the remote command limit) never leaves a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def impl_label(impl: str, enforce_eager: Optional[bool]) -> str:
+    name = {"vllm": "native vLLM", "transformers": "backend", "hf": "HF generate"}[impl]
+    return name + (" (eager)" if enforce_eager else "")
+
+
+def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (device, model, workload, implementation, eager): medians over repeats, each run's tok/s,
+    and the ratio to native vLLM of the same mode (HF generate: to native with CUDA graphs if measured)."""
+    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+    for run in runs:
+        key = (run["device_name"], run["model"], run["workload"], run["impl"], run["enforce_eager"])
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for (device_name, model, workload, impl, eager), group in groups.items():
+        rows.append({"device_name": device_name, "model": model, "workload": workload, "impl": impl,
+                     "enforce_eager": eager, "label": impl_label(impl, eager), "n": len(group),
+                     "workload_text": "{workload} ({prompts} x {input_len} in / {output_len} out)".format(**group[0]),
+                     "tok_s": _median(group, "tok_s"), "runs_tok_s": [r["tok_s"] for r in group],
+                     "total_s": _median(group, "total_s"), "start_s": _median(group, "start_s"),
+                     "weight_gib": _median(group, "weight_gib"), "loaded_gib": _median(group, "loaded_gib")})
+    native = {(r["device_name"], r["model"], r["workload"], r["enforce_eager"]): r["tok_s"]
+              for r in rows if r["impl"] == "vllm"}
+    for r in rows:
+        base = r["device_name"], r["model"], r["workload"]
+        ref = native.get(base + (r["enforce_eager"],)) if r["impl"] != "hf" else (
+            native.get(base + (False,)) or native.get(base + (True,)))
+        r["vs_native"] = r["tok_s"] / ref if ref else None
+    rows.sort(key=lambda r: (r["device_name"], _MODEL_ORDER.get(r["model"], 9), _WORKLOAD_ORDER.get(r["workload"], 9),
+                             _mode_order(r), _IMPL_ORDER[r["impl"]]))
+    return rows
+
+
+def _mode_order(row: Dict[str, Any]) -> int:
+    """CUDA-graph rows first, then eager vLLM rows, HF generate last."""
+    return 2 if row["impl"] == "hf" else int(bool(row["enforce_eager"]))
+
+
+def _median(group: List[Dict[str, Any]], field: str) -> Optional[float]:
+    values = [r[field] for r in group if r.get(field) is not None]
+    return statistics.median(values) if values else None
+
+
+def markdown(rows: List[Dict[str, Any]]) -> str:
+    devices = sorted({r["device_name"] for r in rows})
+    lines = []
+    for device in devices:
+        if len(devices) > 1:
+            lines += [f"**{device}**", ""]
+        lines += ["| model | workload | implementation | output tok/s (median) | runs (tok/s) | total s | "
+                  "weights GiB | engine start s | vs native |",
+                  "|---|---|---|---:|---|---:|---:|---:|---:|"]
+        for r in (r for r in rows if r["device_name"] == device):
+            runs = ", ".join(f"{v:,.0f}" for v in r["runs_tok_s"])
+            lines.append(f"| {MODEL_LABELS.get(r['model'], r['model'])} | {r['workload_text']} | {r['label']} | "
+                         f"{r['tok_s']:,.0f} | {runs} | {_num(r['total_s'], 2)} | {_num(r['weight_gib'], 2)} | "
+                         f"{_num(r['start_s'], 1)} | {_ratio(r['vs_native'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _num(value: Optional[float], digits: int) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def chart(rows: List[Dict[str, Any]], path: Path, title: str) -> Optional[str]:
+    """Grouped bars of median output tok/s per (model, workload), one bar per implementation, the ratio to
+    native written on each bar. Returns why no chart was drawn, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no PNG chart (the JSON and the table are complete)"
+    device = rows[0]["device_name"] if rows else ""
+    rows = [r for r in rows if r["device_name"] == device]
+    groups = list(dict.fromkeys((r["model"], r["workload"]) for r in rows))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(groups)), 4.5))
+    for i, label in enumerate(labels):
+        first = True
+        for g, group in enumerate(groups):
+            match = [r for r in rows if r["label"] == label and (r["model"], r["workload"]) == group]
+            if not match:
+                continue
+            r = match[0]
+            x = g + (i - (len(labels) - 1) / 2) * width
+            ax.bar(x, r["tok_s"], width, color=f"C{i}", label=label if first else None)
+            first = False
+            if len(r["runs_tok_s"]) > 1:
+                ax.vlines(x, min(r["runs_tok_s"]), max(r["runs_tok_s"]), color="black", linewidth=1)
+            if r["vs_native"] is not None and r["impl"] != "vllm":
+                ax.text(x, max(r["runs_tok_s"]), f"{r['vs_native']:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{MODEL_LABELS.get(m, m)}\n{w}" for m, w in groups])
+    ax.set_ylabel("output tokens/s (median; line: min-max of runs)")
+    ax.set_title(f"{title}\n{device}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

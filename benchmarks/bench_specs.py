@@ -1,0 +1,136 @@
+"""What the throughput benchmark measures: model shapes, workloads, and random-weight checkpoints.
+
+Checkpoints are written tensor by tensor (names and shapes from a meta-device HF model, values drawn on the
+build device directly in the target dtype, saved in ~4 GiB safetensors shards), so an 8B shape needs
+neither an fp32 copy nor the whole model in host memory at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List
+
+#: Llama-architecture shapes (random weights: only speed and memory are measured).
+MODELS: Dict[str, Dict[str, Any]] = {
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
+    # the CPU smoke test: head size 64 (what the CPU paged attention takes)
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
+}
+MODEL_LABELS = {"1b": "Llama-1B shape", "8b": "Llama-8B shape", "tiny": "tiny Llama"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompts: int
+    input_len: int
+    output_len: int
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+WORKLOADS: Dict[str, Workload] = {
+    "decode": Workload("decode", 256, 128, 128),
+    "prefill": Workload("prefill", 64, 1024, 32),
+}
+#: Same names, CPU-sized: the smoke test exercises every code path in seconds.
+TINY_WORKLOADS: Dict[str, Workload] = {
+    "decode": Workload("decode", 8, 16, 8),
+    "prefill": Workload("prefill", 4, 64, 4),
+}
+
+_MARKER = ".vtb-bench-checkpoint.json"
+_SHARD_BYTES = 4 * 2 ** 30
+_INIT_STD = 0.02
+_FORMAT = 2  # bump when what build_checkpoint writes changes: older checkpoints are rebuilt
+
+
+def checkpoint_ready(path: Path, model: str, dtype: str) -> bool:
+    """True when ``path`` holds a complete checkpoint written by :func:`build_checkpoint` for this shape."""
+    marker = path / _MARKER
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text()).get("fingerprint") == _fingerprint(model, dtype)
+
+
+def _fingerprint(model: str, dtype: str) -> str:
+    return hashlib.sha256(json.dumps([MODELS[model], dtype, _INIT_STD, _FORMAT]).encode()).hexdigest()[:16]
+
+
+def build_checkpoint(model: str, path: Path, dtype: str, device: str, seed: int = 0) -> Dict[str, Any]:
+    """Writes a random-weight Llama checkpoint of shape ``model`` to ``path``: N(0, 0.02) matrices, unit
+    norm weights, ``dtype`` safetensors shards plus index. Returns what was written (bytes, seconds)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    start = time.perf_counter()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / _MARKER).unlink(missing_ok=True)  # incomplete until the end
+    for stale in [*path.glob("*.safetensors"), path / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # a shard left from another shape would be loaded too
+    torch_dtype = getattr(torch, dtype)
+    config = LlamaConfig(**MODELS[model], tie_word_embeddings=False, torch_dtype=dtype)
+    config.architectures = ["LlamaForCausalLM"]  # vLLM resolves the model class from this field
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    shards: List[List[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = itemsize * _numel(shape)
+        if shards[-1] and size + nbytes > _SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    generator = torch.Generator(device=device).manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        tensors = {}
+        for name in names:
+            t = torch.empty(shapes[name], dtype=torch_dtype, device=device)
+            if name.endswith("norm.weight"):
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, _INIT_STD, generator=generator)
+            tensors[name] = t.cpu()
+            weight_map[name] = file
+            total += tensors[name].numel() * itemsize
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        del tensors
+        print(f"  wrote {file} ({i + 1}/{len(shards)})", flush=True)
+    if len(shards) > 1:
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(path)
+    seconds = time.perf_counter() - start
+    (path / _MARKER).write_text(json.dumps({"fingerprint": _fingerprint(model, dtype), "bytes": total,
+                                            "seconds": seconds}))
+    return {"bytes": total, "seconds": seconds, "shards": len(shards)}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def make_prompts(workload: Workload, vocab_size: int, seed: int = 0) -> List[List[int]]:
+    """The workload's prompts: random token ids (away from the special ids at the start of a vocabulary),
+    the same for every implementation."""
+    import random
+
+    rng = random.Random(f"{seed}-{workload.name}")
+    low, high = min(100, vocab_size // 4), vocab_size - 1
+    return [[rng.randrange(low, high) for _ in range(workload.input_len)] for _ in range(workload.prompts)]

@@ -1,0 +1,145 @@
+"""GPU-test helpers: one vLLM engine run and torn down, the HF top-k reference, vLLM's
+``check_logprobs_close`` rule, and parameter bytes of a model.
+
+Nothing here names a device: the tests pass bf16 on CUDA; the same functions run on the CPU engine in
+float32 (device="cpu") when checking this module's logic without a GPU.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import torch
+
+#: One prompt's output: greedy token ids and, per generated token, {token id: logprob} of the top-k
+#: (vLLM adds the sampled token when it is not among them).
+Output = Tuple[List[int], List[Mapping[int, Any]]]
+
+#: Engine arguments shared by the GPU tests: small KV cache (engines run one after another in one process,
+#: so a leak cannot pile up to an OOM), few sequences (fewer CUDA graphs to capture).
+ENGINE_DEFAULTS: Dict[str, Any] = dict(dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.3,
+                                       num_gpu_blocks_override=512, max_model_len=512, max_num_seqs=8, seed=0)
+
+
+@dataclass
+class EngineRun:
+    model_class: str
+    outputs: List[Output]
+    parameter_bytes: int
+    parameter_devices: Set[str]
+    loaded_bytes: Optional[int]  # vLLM's "Loading model weights took" (device memory delta), GPU runner only
+    norm_classes: Set[str]  # classes of the modules named ``*norm``
+
+
+def parameter_bytes(model: torch.nn.Module) -> Tuple[int, Set[str]]:
+    """Bytes of the model's parameters (each storage counted once: tied weights are not double-counted) and
+    the device types they live on (``meta`` there means a parameter was never materialised)."""
+    seen, total, devices = set(), 0, set()
+    for p in model.parameters():
+        devices.add(p.device.type)
+        key = (p.device.type, p.data_ptr()) if p.device.type != "meta" else id(p)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += p.numel() * p.element_size()
+    return total, devices
+
+
+def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: Sequence[Sequence[int]],
+               max_tokens: int, logprobs: int = 5, **engine_kwargs: Any) -> EngineRun:
+    """Starts ``vllm.LLM`` on ``path``, generates greedily with top-``logprobs`` log-probabilities, records
+    the model's class and weight memory, and tears the engine down whatever happens."""
+    from vllm import LLM, SamplingParams
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    args = {**ENGINE_DEFAULTS, **engine_kwargs}
+    llm = LLM(model=str(path), model_impl=model_impl, enforce_eager=enforce_eager, **args)
+    try:
+        runner = llm.llm_engine.model_executor.driver_worker.model_runner
+        model = runner.model
+        nbytes, devices = parameter_bytes(model)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        outputs = [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs)) for o in outs]
+        norms = {type(m).__name__ for n, m in model.named_modules() if n.endswith("norm")}
+        return EngineRun(type(model).__name__, outputs, nbytes, devices, getattr(runner, "model_memory_usage", None),
+                         norms)
+    finally:
+        del llm
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def hf_top_logprobs(path: Path | str, prompts: Sequence[Sequence[int]], max_tokens: int, dtype: torch.dtype,
+                    device: str, k: int = 5) -> Tuple[List[Output], int]:
+    """HF ``generate`` (greedy, one prompt at a time: no padding) with each step's raw logits turned into
+    top-``k`` log-probabilities; also returns the HF model's parameter bytes."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos: every requested step runs
+    outputs: List[Output] = []
+    try:
+        with torch.no_grad():
+            for prompt in prompts:
+                ids = torch.tensor([list(prompt)], device=device)
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                     do_sample=False, pad_token_id=0, output_logits=True,
+                                     return_dict_in_generate=True)
+                tokens = gen.sequences[0, ids.shape[1]:].tolist()
+                tops = []
+                for step_logits in gen.logits:  # raw logits, one [1, vocab] per generated token
+                    values, indices = torch.log_softmax(step_logits[0].float(), dim=-1).topk(k)
+                    tops.append(dict(zip(indices.tolist(), values.tolist())))
+                outputs.append((tokens, tops))
+        return outputs, parameter_bytes(model)[0]
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def check_logprobs_close(a: Sequence[Output], b: Sequence[Output], name_a: str = "a", name_b: str = "b") -> int:
+    """vLLM's ``check_logprobs_close`` rule: walk each prompt's greedy tokens; at the first token where the
+    two sides differ, each side's token must be in the other's top-k log-probabilities, and the sequences
+    are not compared further (they diverge from there). Returns how many prompts were token-identical."""
+    assert len(a) == len(b), f"{name_a} has {len(a)} outputs, {name_b} {len(b)}"
+    identical = 0
+    for prompt_idx, ((tokens_a, lps_a), (tokens_b, lps_b)) in enumerate(zip(a, b)):
+        assert len(tokens_a) == len(tokens_b), (
+            f"prompt {prompt_idx}: {name_a} made {len(tokens_a)} tokens, {name_b} {len(tokens_b)}")
+        for i, (ta, tb) in enumerate(zip(tokens_a, tokens_b)):
+            if ta != tb:
+                assert ta in lps_b[i] and tb in lps_a[i], (
+                    f"prompt {prompt_idx} step {i}: {name_a} chose {ta}, {name_b} chose {tb}; "
+                    f"{name_a} top: {_fmt(lps_a[i])}; {name_b} top: {_fmt(lps_b[i])}")
+                break
+        else:
+            identical += 1
+    return identical
+
+
+def _fmt(lps: Mapping[int, Any]) -> str:
+    return ", ".join(f"{t}: {getattr(v, 'logprob', v):.3f}" for t, v in lps.items())
+
+
+def smollm2_path() -> Tuple[Optional[Path], str]:
+    """The converted SmolLM2-135M-Instruct folder for GPU runs, and where it was looked for: ``$VTB_SMOLLM2``,
+    else the set-up's models cache, else ``.gpu/models/smollm2`` in the repository (a copy carried to a GPU
+    host that has no models cache)."""
+    from tests.helpers import MODELS_DIR
+
+    repo = Path(__file__).resolve().parents[2]
+    env = os.environ.get("VTB_SMOLLM2")
+    candidates = [Path(env)] if env else [MODELS_DIR / "SmolLM2-135M-Instruct", repo / ".gpu/models/smollm2"]
+    for path in candidates:
+        if (path / "config.json").is_file():
+            return path, ""
+    return None, "looked in " + ", ".join(map(str, candidates))

@@ -1,0 +1,164 @@
+"""HF's rotary embedding through vLLM's own rotary kernel, where the model's function is the standard one.
+
+HF models rotate q and k with ``q * cos + rotate_half(q) * sin``: about ten small kernels per layer
+(slices, negation, concatenation, products, sums) for q and k, as costly as the layer's GEMMs at decode
+batch sizes. vLLM's ``rotary_embedding`` kernel does both in one launch, in place, from positions and a
+``[positions, rot_dim]`` table of cos|sin halves. The backend swaps, in the model's modeling module, the
+``apply_rotary_pos_emb`` function for :func:`make_fused`'s, after checking numerically that the module's
+function is the standard formula (a CPU float32 probe, as for RMS norms). Inside the backend's forward
+it takes this step's ``cos``/``sin`` (whatever rope type HF computed them with), builds the table once per
+step (``[tokens, cos half | sin half]``, positions ``0..tokens-1``), and calls the kernel on the
+``[tokens, heads * head_dim]`` views of q and k.
+
+Anything it does not handle (a batch dimension, partial rotary, other ``unsqueeze_dim``, layouts whose
+heads are not contiguous rows, a call outside the backend's forward) goes to the original function.
+``VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY=0`` turns the swap off; ``=all`` also swaps on devices without
+vLLM GPU kernels where ``vllm._C`` has the op (the CPU build: tests compare it with HF there).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from ._logging import get_logger
+
+logger = get_logger(__name__)
+
+_ENV = "VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY"
+_MARK = "__vllm_transformers_backend_fused_rotary__"
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def reference_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def is_standard_rotary(fn: Callable) -> bool:
+    """Whether ``fn(q, k, cos, sin)`` computes the standard (NeoX-style) rotation, checked on CPU float32."""
+    gen = torch.Generator().manual_seed(0)
+    # explicit CPU: this runs inside vLLM's loader, under ``with torch.device(target)``
+    q = torch.randn(2, 3, 5, 8, generator=gen, device="cpu")
+    k = torch.randn(2, 1, 5, 8, generator=gen, device="cpu")
+    freqs = torch.randn(2, 5, 4, generator=gen, device="cpu")
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    try:
+        with torch.no_grad():
+            got = fn(q, k, cos, sin)
+    except Exception:  # a different signature: not the standard function
+        return False
+    if not isinstance(got, tuple) or len(got) != 2:
+        return False
+    want = reference_rotary(q, k, cos, sin)
+    return all(isinstance(g, torch.Tensor) and g.shape == w.shape and torch.allclose(g, w, atol=1e-6)
+               for g, w in zip(got, want))
+
+
+class _StepTable:
+    """This step's cos|sin table for vLLM's kernel, built once from HF's ``cos``/``sin`` (same objects for
+    every layer of a step) and kept on the attention context."""
+
+    __slots__ = ("cos", "sin", "table", "positions")
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        half = cos.shape[-1] // 2
+        self.cos, self.sin = cos, sin
+        self.table = torch.cat((cos[0, :, :half], sin[0, :, :half]), dim=-1)
+        self.positions = torch.arange(cos.shape[1], device=cos.device)
+
+
+def _rows(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[1, heads, tokens, head_dim]`` as a ``[tokens, heads * head_dim]`` view (no copy), or None."""
+    t = x[0].transpose(0, 1)
+    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        return None
+    return t.view(t.shape[0], -1) if t.is_contiguous() else t.as_strided(
+        (t.shape[0], t.shape[1] * t.shape[2]), (t.stride(0), 1))
+
+
+#: The first step checks that HF's cos/sin have equal halves (the kernel reads one half): models whose
+#: rotary embedding differs keep HF's math. Keyed by the modeling module.
+_halves_checked: Dict[str, bool] = {}
+
+
+def make_fused(original: Callable, module_name: str = "") -> Callable:
+    def fused_apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        from .attention import get_attention_context
+
+        ctx = get_attention_context()
+        usable = (
+            ctx is not None and position_ids is None and unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4
+            and q.shape[0] == 1 and cos.dim() == 3 and cos.shape[0] == 1 and cos.shape == sin.shape
+            and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.shape[-1] % 2 == 0
+            and q.dtype == k.dtype == cos.dtype == sin.dtype and not torch.is_grad_enabled()
+        )
+        q_rows = _rows(q) if usable else None
+        k_rows = _rows(k) if q_rows is not None else None
+        if k_rows is None or not _halves_ok(module_name, cos, sin):
+            if position_ids is not None:
+                return original(q, k, cos, sin, position_ids, unsqueeze_dim)
+            return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        step = ctx.rotary
+        if step is None or step.cos is not cos or step.sin is not sin:
+            step = ctx.rotary = _StepTable(cos, sin)
+        from vllm import _custom_ops as ops
+
+        ops.rotary_embedding(step.positions, q_rows, k_rows, q.shape[-1], step.table, True)
+        return q, k
+
+    setattr(fused_apply_rotary_pos_emb, _MARK, original)
+    fused_apply_rotary_pos_emb.__wrapped__ = original  # type: ignore[attr-defined]
+    return fused_apply_rotary_pos_emb
+
+
+def _halves_ok(module_name: str, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    ok = _halves_checked.get(module_name)
+    if ok is None:
+        # Once per modeling module, on the first (eager, profiling) step: a device sync is fine there.
+        half = cos.shape[-1] // 2
+        ok = bool(torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:]))
+        _halves_checked[module_name] = ok
+        if not ok:
+            logger.info("%s: rotary cos/sin halves differ; HF's rotation kept", module_name)
+    return ok
+
+
+def fuse_rotary(model: nn.Module, device: torch.device, force: bool = False) -> Optional[str]:
+    """Swaps the standard ``apply_rotary_pos_emb`` of ``model``'s modeling modules for the one calling
+    vLLM's kernel, on devices where vLLM's GPU kernels run (``force``: also elsewhere, for tests on the
+    CPU build, whose ``vllm._C`` has the same op). Returns the module names swapped, or None."""
+    from .devices import has_vllm_gpu_kernels
+
+    setting = os.environ.get(_ENV, "1").strip().lower()
+    if setting == "0" or not (force or setting == "all" or has_vllm_gpu_kernels(device)):
+        return None
+    swapped = []
+    modules: Dict[str, Any] = {}
+    for sub in model.modules():
+        name = type(sub).__module__
+        if "attention" in type(sub).__name__.lower() and name in sys.modules:
+            modules[name] = sys.modules[name]
+    for name, module in modules.items():
+        fn = getattr(module, "apply_rotary_pos_emb", None)
+        if fn is None:
+            continue
+        if getattr(fn, _MARK, None) is not None:
+            swapped.append(name)
+            continue
+        if not is_standard_rotary(fn):
+            logger.info("%s.apply_rotary_pos_emb is not the standard rotation: kept", name)
+            continue
+        module.apply_rotary_pos_emb = make_fused(fn, name)
+        swapped.append(name)
+    if swapped:
+        logger.info("rotary embedding through vLLM's kernel for %s", ", ".join(swapped))
+    return ", ".join(swapped) or None

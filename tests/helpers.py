@@ -160,11 +160,16 @@ class Engine:
     def __enter__(self):
         from vllm import LLM
 
-        self.llm = LLM(**self.args)
+        try:
+            self.llm = LLM(**self.args)
+        except BaseException:
+            # a failed start leaves vLLM's distributed state behind, which would break the next test
+            cleanup_engine()
+            raise
         return self.llm
 
     def __exit__(self, *exc) -> None:
-        del self.llm
+        self.llm = None
         cleanup_engine()
 
 

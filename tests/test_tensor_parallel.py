@@ -64,12 +64,32 @@ def test_tp2_matches_tp1_and_hf(checkpoints, monkeypatch, spawned_workers, name,
         monkeypatch.setenv(key, value)  # read at model construction, here and in the worker (inherited)
     path = checkpoints(name)
     hf = hf_greedy(path, PROMPTS, MAX_TOKENS)
-    with Engine(path, "transformers", tensor_parallel_size=2) as llm:
-        tp2 = vllm_greedy(llm, PROMPTS, MAX_TOKENS)
-    with Engine(path, "transformers") as llm:
-        tp1 = vllm_greedy(llm, PROMPTS, MAX_TOKENS)
+    tp2 = _greedy(path, tensor_parallel_size=2)
+    tp1 = _greedy(path)
     assert tp1 == hf
     assert tp2 == tp1
+
+
+def _greedy(path, **engine_args):
+    """Greedy tokens of one engine; vLLM's process-global state and worker processes are gone afterwards,
+    also when the engine fails to start (a failed start must not break the tests after it)."""
+    import multiprocessing
+
+    from tests.helpers import cleanup_engine
+
+    before = set(multiprocessing.active_children())
+    started = False
+    try:
+        with Engine(path, "transformers", **engine_args) as llm:
+            started = True
+            tokens = vllm_greedy(llm, PROMPTS, MAX_TOKENS)
+            del llm  # Engine.__exit__ then drops the last reference: the executor stops its workers
+        return tokens
+    finally:
+        if not started:  # LLM() raised: Engine.__exit__ never ran
+            cleanup_engine()
+        for worker in set(multiprocessing.active_children()) - before:
+            worker.join(timeout=30)  # the executor has told them to stop: let them exit before the next engine
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -96,7 +116,8 @@ def test_no_tp_plan_is_a_clear_error(checkpoints):
 def test_workers_get_the_patches_through_the_plugin(checkpoints):
     """A spawned worker with the start-up hook disabled is patched by vLLM's plugin loader alone (the
     ``vllm.general_plugins`` entry point; Ray workers load plugins the same way, through
-    ``WorkerWrapperBase.init_worker``). With plugins off too, the worker hits vLLM's NCCL error."""
+    ``WorkerWrapperBase.init_worker``). (Measured by hand: with plugins off as well, ``VLLM_PLUGINS=none``,
+    the same worker fails with vLLM's "Expected a cuda device, but got: cpu".)"""
     path = checkpoints("llama")
     code = f"""
         import vllm

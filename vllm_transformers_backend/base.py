@@ -115,6 +115,10 @@ class Base(nn.Module):
         self._pp_missing_prefixes: List[str] = []
         self._dispatch_verified = False
 
+        since = compat.ENCODER_INTERFACE_SINCE.get(getattr(self.config, "model_type", ""))
+        if since and compat.transformers_version() < compat.Version(since):
+            # Older releases still build these encoders, with attention that never reaches the interface.
+            raise BackendError(self._no_attention_interface_message("its attention modules predate the interface"))
         hf_model = self._build_hf_model()
         self.hf_model_class = type(hf_model)
         self._output_embedding_names = self._output_embedding_qualnames(hf_model)
@@ -330,7 +334,6 @@ class Base(nn.Module):
             return {idx: EncoderOnlyAttention(idx) for idx in sorted(self._attention_modules())}
         model_config = self.bundle.model_config
         text_config = self.text_config
-        num_layers = text_config.num_hidden_layers
         head_size = model_config.get_head_size()
         total_heads, total_kv_heads = text_config.num_attention_heads, model_config.get_total_num_kv_heads()
         num_heads = total_heads // self.tp_size

@@ -117,8 +117,12 @@ def _check(report: Report, path: Path, tp: int, pp: int, trust_remote_code: bool
     report.hf_class, report.body_class = type(hf_model).__name__, type(body).__name__
     _report_kind(report, kind, kind_detail)
     _check_attention(report, hf_model, body, text_config, interface_error)
-    _check_tensor_parallel(report, body, text_config, tp)
-    _check_pipeline_parallel(report, body, text_config, pp, kind)
+    from .pipeline import collect_pp_plan
+    from .tp_plan import collect_tp_plan
+
+    # the same plans the backend uses (config class defaults, body and top-model class plans)
+    _check_tensor_parallel(report, body, collect_tp_plan(hf_model, body, prefix, text_config), text_config, tp)
+    _check_pipeline_parallel(report, body, collect_pp_plan(hf_model, body, prefix, text_config), text_config, pp, kind)
     _check_checkpoint(report, path, hf_model, body, prefix, config, quantized)
 
 
@@ -415,14 +419,6 @@ def _tf_version() -> str:
 # --- tensor and pipeline parallelism ------------------------------------------------------------------
 
 
-def _tp_plan(body: Any, text_config: Any) -> Dict[str, str]:
-    # as Base._tp_plan: the config's base_model_tp_plan, then the model class's own _tp_plan
-    plan: Dict[str, str] = {}
-    plan.update(getattr(text_config, "base_model_tp_plan", None) or {})
-    plan.update(getattr(body, "_tp_plan", None) or {})
-    return plan
-
-
 def _linears(body: Any) -> List[Tuple[str, int, int]]:
     from torch import nn
 
@@ -438,10 +434,9 @@ def _linears(body: Any) -> List[Tuple[str, int, int]]:
     return found
 
 
-def _check_tensor_parallel(report: Report, body: Any, text_config: Any, tp: int) -> None:
+def _check_tensor_parallel(report: Report, body: Any, plan: Dict[str, str], text_config: Any, tp: int) -> None:
     from .layers import _STYLE_TO_LINEAR, plan_regexes
 
-    plan = _tp_plan(body, text_config)
     regexes = plan_regexes(plan)
     uncovered, unknown, indivisible = [], [], []
     for name, in_features, out_features in _linears(body):
@@ -501,11 +496,11 @@ def _check_heads(report: Report, text_config: Any, tp: int) -> None:
                                           f"of {kv_heads} KV heads")
 
 
-def _check_pipeline_parallel(report: Report, body: Any, text_config: Any, pp: int, kind: str) -> None:
+def _check_pipeline_parallel(report: Report, body: Any, plan: Dict[str, Any], text_config: Any, pp: int,
+                             kind: str) -> None:
     if pp == 1:
         return
-    plan = dict(getattr(text_config, "base_model_pp_plan", None) or {})
-    plan.update(getattr(body, "_pp_plan", None) or {})
+    plan = dict(plan)
     from .causal import TransformersForCausalLM
 
     if kind != "decoder" or not hasattr(TransformersForCausalLM, "make_empty_intermediate_tensors"):

@@ -12,15 +12,10 @@ import contextvars
 import dataclasses
 from typing import Any, Dict
 
-from vllm_transformers_backend.options import (DEFAULTS, MODEL_IMPLS, validate_model_impl,
-                                               validate_pooler_override, validate_runner)
+from vllm_transformers_backend.options import (DEFAULTS, validate_model_impl, validate_pooler_override,
+                                               validate_runner)
 
 from ._base import Patch, PatchError, is_wrapped, wrap
-
-__all__ = ["EngineArgsPatch", "PENDING_OPTIONS", "MODEL_IMPLS", "DEFAULT_MODEL_IMPL", "validate_model_impl",
-           "validated_options"]
-
-DEFAULT_MODEL_IMPL = DEFAULTS["model_impl"]
 
 #: ``create_model_config`` sets this for the ``ModelConfig`` it builds (see the model_config patch).
 PENDING_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("pending_backend_options", default=None)

@@ -57,6 +57,19 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def named_attention_modules(body: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The attention module of each layer: the first module per ``layer_idx`` whose class name says
+    attention (shared by the backend and ``check``)."""
+    found: List[Tuple[str, nn.Module]] = []
+    seen: set = set()
+    for name, module in body.named_modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and "attention" in type(module).__name__.lower() and idx not in seen:
+            seen.add(idx)
+            found.append((name, module))
+    return found
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
@@ -115,10 +128,7 @@ class Base(nn.Module):
         self._pp_missing_prefixes: List[str] = []
         self._dispatch_verified = False
 
-        since = compat.ENCODER_INTERFACE_SINCE.get(getattr(self.config, "model_type", ""))
-        if since and compat.transformers_version() < compat.Version(since):
-            # Older releases still build these encoders, with attention that never reaches the interface.
-            raise BackendError(self._no_attention_interface_message("its attention modules predate the interface"))
+        self._check_encoder_interface_version()
         hf_model = self._build_hf_model()
         self.hf_model_class = type(hf_model)
         self._output_embedding_names = self._output_embedding_qualnames(hf_model)
@@ -211,6 +221,13 @@ class Base(nn.Module):
         flag = getattr(type(hf_model), "_supports_attention_backend", None)
         if flag is False:
             raise BackendError(self._no_attention_interface_message("_supports_attention_backend is False"))
+
+    def _check_encoder_interface_version(self) -> None:
+        # Before building: older releases still build these encoders (or fail earlier for another reason),
+        # with attention that never reaches the interface; the version is the actionable cause.
+        since = compat.ENCODER_INTERFACE_SINCE.get(getattr(self.config, "model_type", ""))
+        if since and compat.transformers_version() < compat.Version(since):
+            raise BackendError(self._no_attention_interface_message("its attention modules predate the interface"))
 
     def _detect_encoder(self) -> bool:
         """An encoder, as upstream decides it: attention modules declaring ``is_causal = False``."""
@@ -322,12 +339,7 @@ class Base(nn.Module):
             )
 
     def _attention_modules(self) -> Dict[int, nn.Module]:
-        found: Dict[int, nn.Module] = {}
-        for module in self.model.modules():
-            idx = getattr(module, "layer_idx", None)
-            if isinstance(idx, int) and "attention" in type(module).__name__.lower() and idx not in found:
-                found[idx] = module
-        return found
+        return {module.layer_idx: module for _, module in named_attention_modules(self.model)}
 
     def _create_attention_instances(self) -> Dict[int, Any]:
         if self.is_encoder:

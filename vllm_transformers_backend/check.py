@@ -233,12 +233,9 @@ def _from_config(auto: Any, config: Any, attn_implementation: str, trust_remote_
 def _attention_modules(body: Any) -> List[Tuple[str, Any]]:
     """Attention modules as the backend finds them (``layer_idx`` and "attention" in the class name);
     else the innermost modules carrying a ``layer_idx`` (custom code calls them anything)."""
-    found, seen = [], set()
-    for name, module in body.named_modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and "attention" in type(module).__name__.lower() and idx not in seen:
-            seen.add(idx)
-            found.append((name, module))
+    from .base import named_attention_modules
+
+    found = named_attention_modules(body)
     if found:
         return found
     carriers = [(n, m) for n, m in body.named_modules() if isinstance(getattr(m, "layer_idx", None), int)]
@@ -269,15 +266,6 @@ def _model_kind(hf_model: Any) -> Tuple[str, str]:
     return "decoder", "no attention module says is_causal=False"
 
 
-def _pooling_class() -> Optional[type]:
-    """The backend's pooling model class, if this version has one that runs encoders."""
-    try:
-        from .pooling import TransformersForEmbedding
-    except ImportError:
-        return None
-    return TransformersForEmbedding if getattr(TransformersForEmbedding, "supports_encoder", False) else None
-
-
 def _report_kind(report: Report, kind: str, evidence: str) -> None:
     report.kind = kind
     if kind == "mixed":
@@ -289,13 +277,10 @@ def _report_kind(report: Report, kind: str, evidence: str) -> None:
         report.add("model kind", OK, f"decoder ({evidence}): runs as TransformersForCausalLM (LLM.generate)")
         return
     report.runner = "pooling"
-    pooling = _pooling_class()
-    if pooling is not None:
-        report.add("model kind", OK, f"encoder ({evidence}): runs as {pooling.__name__} with the pooling runner "
-                                     "(runner='pooling', LLM.embed), not generate")
-    else:
-        report.add("model kind", ERROR, f"encoder ({evidence}): needs the pooling runner, which this version of "
-                                        "the backend does not provide")
+    from .pooling import TransformersForEmbedding
+
+    report.add("model kind", OK, f"encoder ({evidence}): runs as {TransformersForEmbedding.__name__} with the "
+                                 "pooling runner (runner='pooling', LLM.embed), not generate")
 
 
 def _check_attention(report: Report, hf_model: Any, body: Any, text_config: Any, interface_error: Optional[str]) -> None:
@@ -500,10 +485,7 @@ def _check_pipeline_parallel(report: Report, body: Any, plan: Dict[str, Any], te
                              kind: str) -> None:
     if pp == 1:
         return
-    plan = dict(plan)
-    from .causal import TransformersForCausalLM
-
-    if kind != "decoder" or not hasattr(TransformersForCausalLM, "make_empty_intermediate_tensors"):
+    if kind != "decoder":
         report.add("pipeline parallel", ERROR, "this version of the backend does not implement pipeline "
                    f"parallelism for {kind} models; run with --pp 1")
         return
@@ -601,11 +583,9 @@ def _check_checkpoint(report: Report, path: Path, hf_model: Any, body: Any, pref
     loaded, unmapped, mismatched = set(), [], []
     try:
         for key, shape in sorted(tensors.items()):
-            if mapper.is_ignored(key):
-                continue
-            target = mapper.map(key, targets)
+            target, unexpected = mapper.resolve(key, targets)
             if target is None:
-                if not mapper.is_ignored_unexpected(key):
+                if unexpected:
                     unmapped.append(key)
                 continue
             loaded.add(target)
@@ -617,7 +597,11 @@ def _check_checkpoint(report: Report, path: Path, hf_model: Any, body: Any, pref
         return
     heads: List[str] = []
     if encoder:  # the pooling wrapper ignores task heads (MLM, classifier) and HF's pooler
-        heads = [k for k in unmapped if _outside_encoder_body(k, body, (prefix, getattr(hf_model, "base_model_prefix", "")))]
+        from .pooling import is_task_head_key
+
+        children = {name for name, _ in body.named_children()}
+        prefixes = (prefix, getattr(hf_model, "base_model_prefix", ""))
+        heads = [k for k in unmapped if is_task_head_key(k, children, prefixes)]
         unmapped = [k for k in unmapped if k not in set(heads)]
     skip = {"lm_head.weight"} if tied else set()
     missing = sorted(n for n in params if n not in loaded and n not in skip)
@@ -635,15 +619,6 @@ def _check_checkpoint(report: Report, path: Path, hf_model: Any, body: Any, pref
                    f"parameters ({len(loaded)} filled{', lm_head tied' if tied else ''})"
                    + (f"; {len(heads)} tensors of task heads or HF's pooler, which the pooling model does not use, "
                       "are skipped" if heads else ""))
-
-
-def _outside_encoder_body(key: str, body: Any, prefixes: Tuple[str, ...]) -> bool:
-    for prefix in filter(None, prefixes):
-        if key.startswith(prefix + "."):
-            key = key[len(prefix) + 1:]
-            break
-    first = key.split(".", 1)[0]
-    return first == "pooler" or first not in dict(body.named_children())
 
 
 # --- output ---------------------------------------------------------------------------------------------

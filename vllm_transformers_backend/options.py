@@ -21,7 +21,7 @@ DEFAULTS: Dict[str, Any] = {"model_impl": "auto", "runner": "auto", "task": "aut
 
 #: Architecture name endings newer vLLM treats as generative or as pooling when ``runner="auto"``.
 _GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ChatModel")
-_POOLING_SUFFIXES = ("EmbeddingModel", "ForTextEncoding", "Model")
+_POOLING_SUFFIXES = ("Model",)  # also covers newer vLLM's "EmbeddingModel"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .tp_plan import config_plan
+from .tp_plan import collect_plan
 
 
 class PipelineError(ValueError):
@@ -48,29 +48,10 @@ class PPMissingLayer(nn.Module):
         return (value,) if stage is not None and stage.layer_returns_tuple else value
 
 
-def _plans_of(obj: Any) -> List[Dict[str, Any]]:
-    found = []
-    for plan in (getattr(type(obj), "_pp_plan", None), vars(obj).get("_pp_plan")):
-        if isinstance(plan, dict) and plan:
-            found.append(plan)
-    return found
-
-
 def collect_pp_plan(hf_model: nn.Module, body: nn.Module, body_name: str, text_config: Any) -> Dict[str, Any]:
     """The body's pp_plan, keys relative to the body, in forward order; entries of the top model under
     ``body_name`` are re-rooted on the body, the others (``lm_head``) belong to the head."""
-    plan: Dict[str, Any] = config_plan(text_config, "base_model_pp_plan")
-    if body is not hf_model:
-        for body_plan in _plans_of(body):
-            plan.update({k: v for k, v in body_plan.items() if k not in plan})
-    prefix = f"{body_name}." if body_name and body is not hf_model else ""
-    for top_plan in _plans_of(hf_model):
-        for key, value in top_plan.items():
-            if prefix and key.startswith(prefix) and key[len(prefix):] not in plan:
-                plan[key[len(prefix):]] = value
-            elif not prefix and key not in plan:
-                plan[key] = value
-    return plan
+    return collect_plan(hf_model, body, body_name, text_config, "pp", later_wins=False)
 
 
 class PipelineStage:

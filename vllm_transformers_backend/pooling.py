@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -121,6 +121,17 @@ def sentence_transformers_pooling(model: str, revision: Optional[str] = None) ->
     return (pooling_type, normalize) if pooling_type else None
 
 
+def is_task_head_key(key: str, body_children: Iterable[str], prefixes: Sequence[str]) -> bool:
+    """A checkpoint key the embedding model does not use: task heads (masked-LM, classifiers) live outside
+    the body's own children, and HF's pooler is dropped. Applies to keys that map nowhere only."""
+    for prefix in filter(None, prefixes):
+        if key.startswith(prefix + "."):
+            key = key[len(prefix) + 1:]
+            break
+    first = key.split(".", 1)[0]
+    return first == "pooler" or first not in set(body_children)
+
+
 class TransformersForEmbedding(Base):
     """Any HF base model as a vLLM 0.6.2 embedding model (encoders and decoders)."""
 
@@ -130,8 +141,7 @@ class TransformersForEmbedding(Base):
     def _post_init(self, hf_model: nn.Module) -> None:
         # HF's own pooler (BERT's dense + tanh over CLS) is not what embeddings use, and task checkpoints
         # (masked LM, classification) do not carry its weights.
-        self._dropped_hf_pooler = isinstance(getattr(self.model, "pooler", None), nn.Module)
-        if self._dropped_hf_pooler:
+        if isinstance(getattr(self.model, "pooler", None), nn.Module):
             self.model.pooler = None
         self._check_position_range()
         spec = self._pooling_spec()
@@ -169,18 +179,9 @@ class TransformersForEmbedding(Base):
 
     def weights_mapper(self) -> WeightsMapper:
         mapper = super().weights_mapper()
-        # Task heads (masked-LM, classifiers, HF's pooler) are outside the body: keys that map nowhere and
-        # do not start with one of the body's own children are those heads.
-        children = "|".join(name for name, _ in self.model.named_children())
-        prefixes = "|".join(p for p in {self._checkpoint_prefix, getattr(self.hf_model_class, "base_model_prefix", "")} if p)
-        not_body = rf"(?!(?:{children})\.)"
-        if prefixes:
-            mapper.add_ignore_unexpected(rf"^(?:(?:{prefixes})\.{not_body}|(?!(?:{prefixes})\.){not_body})")
-        else:
-            mapper.add_ignore_unexpected(rf"^{not_body}")
-        if self._dropped_hf_pooler:
-            body = rf"(?:(?:{prefixes})\.)?" if prefixes else ""
-            mapper.add_ignore_unexpected(rf"^{body}pooler\.")
+        children = {name for name, _ in self.model.named_children()}
+        prefixes = (self._checkpoint_prefix, getattr(self.hf_model_class, "base_model_prefix", ""))
+        mapper.ignore_unexpected_fns.append(lambda key: is_task_head_key(key, children, prefixes))
         return mapper
 
     def pooler(self, hidden_states: torch.Tensor, pooling_metadata: PoolingMetadata) -> PoolerOutput:

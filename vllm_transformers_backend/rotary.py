@@ -24,7 +24,10 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
+from vllm import _custom_ops as ops
+
 from ._logging import get_logger
+from .attention import get_attention_context
 
 logger = get_logger(__name__)
 
@@ -92,8 +95,6 @@ _halves_checked: Dict[str, bool] = {}
 
 def make_fused(original: Callable, module_name: str = "") -> Callable:
     def fused_apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-        from .attention import get_attention_context
-
         ctx = get_attention_context()
         usable = (
             ctx is not None and position_ids is None and unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4
@@ -110,8 +111,6 @@ def make_fused(original: Callable, module_name: str = "") -> Callable:
         step = ctx.rotary
         if step is None or step.cos is not cos or step.sin is not sin:
             step = ctx.rotary = _StepTable(cos, sin)
-        from vllm import _custom_ops as ops
-
         ops.rotary_embedding(step.positions, q_rows, k_rows, q.shape[-1], step.table, True)
         return q, k
 

@@ -40,10 +40,10 @@ REPLICABLE_STYLES = frozenset({
 })
 
 
-def _plans_of(obj: Any) -> List[Dict[str, str]]:
-    """The class-level and instance-level ``_tp_plan`` of ``obj`` (either may be None)."""
+def class_plans(obj: Any, attr: str) -> List[Dict[str, Any]]:
+    """The class-level and instance-level plan ``attr`` (``_tp_plan``/``_pp_plan``) of ``obj``, if set."""
     found = []
-    for plan in (getattr(type(obj), "_tp_plan", None), vars(obj).get("_tp_plan") if hasattr(obj, "__dict__") else None):
+    for plan in (getattr(type(obj), attr, None), vars(obj).get(attr) if hasattr(obj, "__dict__") else None):
         if isinstance(plan, dict) and plan:
             found.append(plan)
     return found
@@ -65,20 +65,36 @@ def config_plan(text_config: Any, attr: str) -> Dict[str, Any]:
     return dict(getattr(cls, attr, None) or {})
 
 
-def collect_tp_plan(hf_model: nn.Module, body: nn.Module, body_name: str, text_config: Any) -> Dict[str, str]:
-    """The plan for ``body`` (the base model, attribute ``body_name`` of ``hf_model``), keys relative to it."""
-    plan: Dict[str, str] = config_plan(text_config, "base_model_tp_plan")
+def collect_plan(hf_model: nn.Module, body: nn.Module, body_name: str, text_config: Any, kind: str,
+                 *, later_wins: bool = True) -> Dict[str, Any]:
+    """The ``kind`` plan ("tp" or "pp") for ``body`` (the base model, attribute ``body_name`` of ``hf_model``),
+    keys relative to it: the config's ``base_model_<kind>_plan``, then the body's and the top model's
+    class plans (entries of the top model under ``body_name`` re-rooted on the body). ``later_wins``: a
+    later source overrides an earlier one (tp styles); otherwise the first keeps its place (pp order)."""
+    plan: Dict[str, Any] = config_plan(text_config, f"base_model_{kind}_plan")
+    attr = f"_{kind}_plan"
+
+    def put(key: str, value: Any) -> None:
+        if later_wins or key not in plan:
+            plan[key] = value
+
     if body is not hf_model:
-        for body_plan in _plans_of(body):
-            plan.update(body_plan)
+        for body_plan in class_plans(body, attr):
+            for key, value in body_plan.items():
+                put(key, value)
     prefix = f"{body_name}." if body_name and body is not hf_model else ""
-    for top_plan in _plans_of(hf_model):
-        for key, style in top_plan.items():
+    for top_plan in class_plans(hf_model, attr):
+        for key, value in top_plan.items():
             if prefix and key.startswith(prefix):
-                plan[key[len(prefix):]] = style
+                put(key[len(prefix):], value)
             elif not prefix:
-                plan[key] = style
+                put(key, value)
     return plan
+
+
+def collect_tp_plan(hf_model: nn.Module, body: nn.Module, body_name: str, text_config: Any) -> Dict[str, str]:
+    """The tp_plan for ``body``, keys relative to it (later sources override earlier ones)."""
+    return collect_plan(hf_model, body, body_name, text_config, "tp")
 
 
 class TPPlan:

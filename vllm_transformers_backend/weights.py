@@ -44,6 +44,8 @@ class WeightsMapper:
     prefixes: List[Tuple[str, str]] = field(default_factory=list)
     ignore: List[Pattern] = field(default_factory=list)
     ignore_unexpected: List[Pattern] = field(default_factory=list)
+    #: Predicates with the same role as ``ignore_unexpected`` (rules a regex says badly).
+    ignore_unexpected_fns: List[Callable[[str], bool]] = field(default_factory=list)
 
     def add_rename(self, pattern: str, replacement: str) -> None:
         self.renames.append((re.compile(pattern), replacement))
@@ -52,7 +54,7 @@ class WeightsMapper:
         self.ignore.append(re.compile(pattern))
 
     def is_ignored_unexpected(self, name: str) -> bool:
-        return any(p.search(name) for p in self.ignore_unexpected)
+        return any(p.search(name) for p in self.ignore_unexpected) or any(f(name) for f in self.ignore_unexpected_fns)
 
     def add_ignore_unexpected(self, pattern: str) -> None:
         self.ignore_unexpected.append(re.compile(pattern))
@@ -70,6 +72,14 @@ class WeightsMapper:
             if name.startswith(ckpt_prefix):
                 found.append(model_prefix + name[len(ckpt_prefix):])
         return found
+
+    def resolve(self, name: str, targets: Set[str] | Dict[str, object]) -> Tuple[Optional[str], bool]:
+        """``(target, unexpected)``: the model name ``name`` loads into (None when skipped or unmapped), and
+        whether it is an unexpected key (maps nowhere and no rule ignores it)."""
+        if self.is_ignored(name):
+            return None, False
+        target = self.map(name, targets)
+        return target, target is None and not self.is_ignored_unexpected(name)
 
     def map(self, name: str, targets: Set[str] | Dict[str, object]) -> Optional[str]:
         """The model name this checkpoint key loads into, or None if it maps nowhere."""
@@ -167,11 +177,9 @@ def load_weights(
     targets = {**buffers, **params}
     skip_set, loaded, unmapped = set(skip), set(), []
     for name, tensor in weights:
-        if mapper.is_ignored(name):
-            continue
-        target = mapper.map(name, targets)
+        target, unexpected = mapper.resolve(name, targets)
         if target is None:
-            if not mapper.is_ignored_unexpected(name):
+            if unexpected:
                 unmapped.append(name)
             continue
         if target in skip_set:

@@ -1,6 +1,6 @@
 """A/B of the backend's speed features inside one engine (no restart between variants): rotary through
-vLLM's kernel, one-kernel gated MLP activation. Eager engine, prefill-only and short decode batches,
-wall time per variant (best of 3).
+vLLM's kernel, one-kernel gated MLP activation, residual adds in vLLM's add-and-norm kernel. Eager engine,
+prefill-only and short decode batches, wall time per variant (best of 3).
 
     python benchmarks/ab_kernels.py [--checkpoint /tmp/llama1b-random]
 """
@@ -32,9 +32,16 @@ def main() -> None:
     fused_rotary = llama.apply_rotary_pos_emb
     plain_rotary = getattr(fused_rotary, "__wrapped__", fused_rotary)
     mlps = [m for m in model.modules() if hasattr(m, "vllm_act_and_mul")]
-    print(f"fused rotary: {fused_rotary is not plain_rotary}; GLU MLPs: {len(mlps)}", flush=True)
+    fused_layers = {layer: layer.__dict__["forward"] for layer in model.model.layers if "forward" in layer.__dict__}
+    print(f"fused rotary: {fused_rotary is not plain_rotary}; GLU MLPs: {len(mlps)}; residual-fused layers: "
+          f"{len(fused_layers)}", flush=True)
 
-    def setup(rotary: bool, glu: bool) -> None:
+    def setup(rotary: bool, glu: bool, residual: bool) -> None:
+        for layer, forward in fused_layers.items():
+            if residual:
+                layer.forward = forward
+            else:
+                layer.__dict__.pop("forward", None)
         llama.apply_rotary_pos_emb = fused_rotary if rotary else plain_rotary
         for mlp in mlps:
             if glu:
@@ -45,11 +52,11 @@ def main() -> None:
     rng = random.Random(0)
     prefill = [{"prompt_token_ids": [rng.randrange(100, 31000) for _ in range(1024)]} for _ in range(16)]
     decode = [{"prompt_token_ids": [rng.randrange(100, 31000) for _ in range(16)]} for _ in range(128)]
-    variants = [("all on", True, True), ("rotary off", False, True), ("glu off", True, False),
-                ("all off", False, False)]
+    variants = [("all on", True, True, True), ("residual off", True, True, False), ("rotary off", False, True, True),
+                ("glu off", True, False, True), ("all off", False, False, False), ("all on", True, True, True)]
     print(f"{'variant':<12} {'prefill 16x1024 (s)':>20} {'decode 128x32 eager (s)':>24}", flush=True)
-    for name, rotary, glu in variants:
-        setup(rotary, glu)
+    for name, rotary, glu, residual in variants:
+        setup(rotary, glu, residual)
         times = []
         for prompts, tokens in ((prefill, 1), (decode, 32)):
             params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)

@@ -22,7 +22,7 @@ from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.sequence import IntermediateTensors
 
-from . import compat, devices, fusion, pipeline, rotary
+from . import compat, devices, fusion, pipeline, residual, rotary
 from ._logging import get_logger
 from .attention import (ATTN_IMPLEMENTATION, AttentionContext, EncoderOnlyAttention, attention_context,
                         register_attention_function)
@@ -145,6 +145,8 @@ class Base(nn.Module):
         fusion.fuse_glu_activations(self.model, use_kernels=self.device.type != "cpu"
                                     and not devices.prefers_native_layer_forward(self.device))
         self.fused_rotary = rotary.fuse_rotary(self.model, self.device)
+        if not self.is_encoder:
+            residual.fuse_residual_norms(self.model, self.text_config.num_hidden_layers)
         self.attention_instances: Dict[int, Any] = self._create_attention_instances()
         self._post_init(hf_model)
         self._materialize_parameters()

@@ -181,18 +181,21 @@ def make_linear(
 
 
 class HFRMSNorm(RMSNorm):
-    """vLLM's RMSNorm (``w * x / rms(x)``) as a drop-in for an HF norm called as ``norm(x)``."""
+    """vLLM's RMSNorm (``w * x / rms(x)``) as a drop-in for an HF norm called as ``norm(x)``; ``norm(x, residual)``
+    is vLLM's fused add-and-norm (see ``residual.py``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Any:  # type: ignore[override]
         # vLLM's kernels index the input by data pointer: they need it contiguous.
-        return self._forward_method(x if x.is_contiguous() else x.contiguous())
+        x = x if x.is_contiguous() else x.contiguous()
+        return self._forward_method(x) if residual is None else self._forward_method(x, residual)
 
 
 class HFGemmaRMSNorm(GemmaRMSNorm):
     """vLLM's GemmaRMSNorm (``(1 + w) * x / rms(x)``) as a drop-in for an HF norm."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self._forward_method(x if x.is_contiguous() else x.contiguous())
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Any:  # type: ignore[override]
+        x = x if x.is_contiguous() else x.contiguous()
+        return self._forward_method(x) if residual is None else self._forward_method(x, residual)
 
 
 _NORM_FORMS: Dict[type, Optional[str]] = {}

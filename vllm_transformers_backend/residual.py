@@ -1,0 +1,293 @@
+"""Residual adds of pre-norm decoder layers folded into vLLM's add-and-norm kernel.
+
+An HF pre-norm layer (Llama, Mistral, Qwen, Gemma...) computes
+``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``: two residual adds and two stand-alone norms, four
+kernels, where vLLM's own models run two ``fused_add_rms_norm`` calls by carrying the residual from one
+layer to the next (``norm(x, residual)`` adds, stores the sum as the new residual and normalises it, in
+place). At decode batch sizes those kernels cost as much as a tenth of the step.
+
+:func:`fuse_residual_norms` gives each decoder layer that qualifies a forward doing what vLLM's layers do:
+
+* a layer in the middle of a run of such layers returns only its MLP output and leaves the residual on a
+  carry object shared by the run; the next layer's ``input_layernorm(hidden_states, residual)`` adds the
+  two back in the fused kernel. The last layer of the run (the model's last, or this pipeline rank's
+  last) returns the true hidden states, so the final norm, the pipeline hand-over and anything after the
+  layers see exactly what HF computes;
+* the first layer of a run never writes into its input (it may be the caller's ``inputs_embeds``).
+
+A layer qualifies when its class's forward, run once on CPU with stand-in attention, MLP and norms,
+computes exactly the pre-norm formula above, passes its keyword arguments to the attention untouched,
+and both norms are vLLM RMS norms (plain or Gemma form). Layers with extra steps (residual multipliers,
+sandwich norms, parallel attention and MLP, post-norms) fail that check and keep HF's forward. At run
+time a layer expecting a carried residual checks that its input is the very tensor the previous layer
+returned; a model that changes hidden states between its layers is refused loudly at the first forward
+(vLLM's start-up profiling run), never answered wrongly.
+
+``VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL=0`` (or ``VLLM_TRANSFORMERS_BACKEND_FUSE=0``) keeps HF's layers.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import types
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._logging import get_logger
+from .fusion import fusion_enabled
+from .layers import HFGemmaRMSNorm, HFRMSNorm
+
+logger = get_logger(__name__)
+
+RESIDUAL_ENV = "VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL"
+_NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
+
+
+class ResidualFusionError(RuntimeError):
+    pass
+
+
+def residual_fusion_enabled() -> bool:
+    value = os.environ.get(RESIDUAL_ENV, "1").strip().lower()
+    return fusion_enabled() and value not in ("0", "false", "no", "off")
+
+
+class _Carry:
+    """The residual one layer of a run leaves for the next, and the tensor it returned alongside."""
+
+    __slots__ = ("residual", "sent")
+
+    def __init__(self) -> None:
+        self.residual: Optional[torch.Tensor] = None
+        self.sent: Optional[torch.Tensor] = None
+
+
+def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    if args:
+        kwargs.update(zip(self._vtb_positional_names, args))
+    for name, value in self._vtb_attention_defaults.items():
+        kwargs.setdefault(name, value)  # what HF's forward would pass the attention when the caller did not
+    carry: _Carry = self._vtb_carry
+    if self._vtb_takes_residual:
+        if hidden_states is not carry.sent:
+            raise ResidualFusionError(
+                f"{type(self).__name__} expected the previous decoder layer's output as its input, but "
+                f"{self._vtb_body_name} changed the hidden states between its layers. The backend's residual "
+                f"fusion cannot run this model: set {RESIDUAL_ENV}=0."
+            )
+        residual, carry.residual, carry.sent = carry.residual, None, None
+        normed, residual = self.input_layernorm(hidden_states, residual)
+        attn_out = self.self_attn(hidden_states=normed, **kwargs)[0]
+        normed, residual = self.post_attention_layernorm(attn_out, residual)
+    else:
+        attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+        # A fresh sum: the fused kernel would write into ``hidden_states``, which the caller may own.
+        residual = hidden_states + attn_out
+        normed = self.post_attention_layernorm(residual)
+    mlp_out = self.mlp(normed)
+    if isinstance(mlp_out, tuple):  # MoE blocks also return router logits
+        mlp_out = mlp_out[0]
+    if self._vtb_gives_residual:
+        carry.residual, carry.sent = residual, mlp_out
+        out = mlp_out
+    else:
+        out = residual + mlp_out
+    return (out,) if self._vtb_returns_tuple else out
+
+
+# --- the CPU probe ---------------------------------------------------------------------------------
+
+
+class _ProbeNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Any:
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return out if residual is None else (out, residual)
+
+
+class _ProbeAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[Dict[str, Any]] = []
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, None]:
+        self.calls.append({"args": args, **kwargs})
+        return torch.tanh(hidden_states) * 0.7 + 0.1, None
+
+
+class _ProbeMLP(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x * 0.3 - 0.2
+
+
+def _probe_kwargs(forward: Any) -> Optional[Dict[str, Any]]:
+    """Stand-ins for what an HF model hands its layers (only the names the forward accepts)."""
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return None
+    sentinel = {"attention_mask": torch.zeros(1), "position_ids": torch.zeros(1), "cache_position": torch.zeros(1),
+                "position_embeddings": (torch.zeros(1), torch.zeros(1))}
+    any_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {name: value for name, value in sentinel.items() if any_kwargs or name in params}
+
+
+class _Verdict(NamedTuple):
+    problem: Optional[str]  # why the layer class keeps HF's forward (None: it can use the fused one)
+    returns_tuple: bool = False  # HF's forward returns ``(hidden_states,)``
+    attention_defaults: Dict[str, Any] = {}  # the forward's defaults that it hands the attention
+
+
+def _qualification(layer: nn.Module) -> _Verdict:
+    children = layer._modules
+    norms = [children.get(name) for name in _NORM_NAMES]
+    if not all(isinstance(n, (HFRMSNorm, HFGemmaRMSNorm)) for n in norms) or type(norms[0]) is not type(norms[1]):
+        return _Verdict("its input/post-attention norms are not both vLLM RMS norms")
+    if not isinstance(children.get("self_attn"), nn.Module) or not isinstance(children.get("mlp"), nn.Module):
+        return _Verdict("it has no self_attn/mlp pair")
+    forward = type(layer).forward
+    kwargs = _probe_kwargs(forward)
+    if kwargs is None:
+        return _Verdict("its forward has no readable signature")
+    modes = [(module, module.training) for module in layer.modules()]
+    try:
+        layer.eval()  # vLLM's loader sets eval mode too; dropout must not make the probe random
+        with torch.no_grad():
+            return _probe(layer, forward, kwargs, norms[0].weight.shape[0])
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _probe(layer: nn.Module, forward: Any, kwargs: Dict[str, Any], hidden: int) -> _Verdict:
+    gen = torch.Generator().manual_seed(0)
+    # explicit CPU tensors: this runs inside vLLM's loader, under ``with torch.device(target)``
+    w1, w2 = (torch.rand(hidden, generator=gen, device="cpu") + 0.5 for _ in range(2))
+    x = torch.randn(1, 3, hidden, generator=gen, device="cpu")
+
+    def stand_in(carry: Optional[_Carry] = None, takes: bool = False, gives: bool = False
+                 ) -> Tuple[nn.Module, _ProbeAttention]:
+        probe = copy.copy(layer)  # own __dict__; the children dict is replaced, never written through
+        probe.__dict__.pop("forward", None)
+        attention = _ProbeAttention()
+        probe._modules = {**layer._modules, "self_attn": attention, "mlp": _ProbeMLP(),
+                          "input_layernorm": _ProbeNorm(w1, 1e-6), "post_attention_layernorm": _ProbeNorm(w2, 1e-6)}
+        if carry is not None:
+            install(probe, carry, _Verdict(None, False, defaults), takes=takes, gives=gives, body_name="probe")
+        return probe, attention
+
+    def formula(h: torch.Tensor) -> torch.Tensor:
+        def norm(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+        h = h + torch.tanh(norm(h, w1)) * 0.7 + 0.1
+        n = norm(h, w2)
+        return h + n * n * 0.3 - 0.2
+
+    original, attention = stand_in()
+    try:
+        out = forward(original, x, **kwargs)
+    except Exception as exc:  # a forward that needs more than a pre-norm layer's inputs
+        return _Verdict(f"its forward does not run as a plain pre-norm layer ({type(exc).__name__})")
+    if isinstance(out, tuple) and len(out) != 1:
+        return _Verdict("its forward returns more than the hidden states")
+    returns_tuple = isinstance(out, tuple)
+    value = out[0] if returns_tuple else out
+    if not isinstance(value, torch.Tensor) or value.shape != x.shape or \
+            not torch.allclose(value, formula(x), atol=1e-5, rtol=1e-5):
+        return _Verdict("its forward is not the plain pre-norm residual formula")
+    if len(attention.calls) != 1:
+        return _Verdict("its forward does not call the attention once")
+    call = attention.calls[0]
+    # Extra keywords the layer adds itself (use_cache=False, output_attentions=False...) reach the attention
+    # at run time as the model passes them; what matters is that the model's tensors arrive untouched.
+    if call.pop("args") or any(call.get(k) is not v for k, v in kwargs.items()):
+        return _Verdict("its forward does not pass its arguments to the attention unchanged")
+    params = inspect.signature(forward).parameters
+    defaults = {name: params[name].default for name in call
+                if name in params and params[name].default is not inspect.Parameter.empty}
+    # The fused forward itself, alone and as a run of three layers, on the same stand-ins.
+    alone = _fused_layer_forward(stand_in(_Carry())[0], x.clone(), **kwargs)
+    carry = _Carry()
+    chained = x.clone()
+    for takes, gives in ((False, True), (True, True), (True, False)):
+        chained = _fused_layer_forward(stand_in(carry, takes, gives)[0], chained, **kwargs)
+    if not (torch.allclose(alone, formula(x), atol=1e-5, rtol=1e-5)
+            and torch.allclose(chained, formula(formula(formula(x))), atol=1e-4, rtol=1e-4)):
+        return _Verdict("the fused forward does not reproduce it (a backend bug)")
+    return _Verdict(None, returns_tuple, defaults)
+
+
+# --- installing ------------------------------------------------------------------------------------
+
+
+def install(layer: nn.Module, carry: _Carry, verdict: _Verdict, *, takes: bool, gives: bool, body_name: str) -> None:
+    forward = type(layer).forward
+    try:
+        names = [p.name for p in inspect.signature(forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
+    except (TypeError, ValueError):
+        names = []
+    layer._vtb_positional_names = names
+    layer._vtb_carry = carry
+    layer._vtb_takes_residual = takes
+    layer._vtb_gives_residual = gives
+    layer._vtb_returns_tuple = verdict.returns_tuple
+    layer._vtb_attention_defaults = verdict.attention_defaults
+    layer._vtb_body_name = body_name
+    layer.forward = types.MethodType(_fused_layer_forward, layer)
+
+
+def uninstall(layer: nn.Module) -> None:
+    layer.__dict__.pop("forward", None)
+
+
+def decoder_layers(body: nn.Module, num_layers: int) -> Optional[nn.ModuleList]:
+    """The body's list of decoder layers: its one direct ``nn.ModuleList`` of ``num_hidden_layers`` modules."""
+    lists = [child for child in body.children() if isinstance(child, nn.ModuleList) and len(child) == num_layers]
+    return lists[0] if len(lists) == 1 else None
+
+
+def fuse_residual_norms(body: nn.Module, num_layers: int) -> List[nn.Module]:
+    """Installs the fused forward on every run of qualifying decoder layers in ``body``; returns those layers."""
+    if not residual_fusion_enabled():
+        return []
+    layers = decoder_layers(body, num_layers)
+    if layers is None:
+        logger.info("residual fusion skipped: %s has no single list of %d decoder layers", type(body).__name__,
+                    num_layers)
+        return []
+    verdicts: Dict[type, _Verdict] = {}
+    runs: List[List[nn.Module]] = [[]]
+    for layer in layers:
+        if not hasattr(layer, "_modules") or type(layer).__name__ == "PPMissingLayer":
+            runs.append([])
+            continue
+        cls = type(layer)
+        if cls not in verdicts:
+            verdicts[cls] = _qualification(layer)
+            if verdicts[cls].problem:
+                logger.info("residual fusion: %s keeps HF's forward: %s", cls.__name__, verdicts[cls].problem)
+        if verdicts[cls].problem:
+            runs.append([])
+            continue
+        runs[-1].append(layer)
+    fused: List[nn.Module] = []
+    for run in runs:
+        carry = _Carry()
+        for index, layer in enumerate(run):
+            install(layer, carry, verdicts[type(layer)], takes=index > 0, gives=index < len(run) - 1,
+                    body_name=type(body).__name__)
+        fused.extend(run)
+    if fused:
+        logger.info("residual fusion: %d decoder layers add their residuals in vLLM's fused add-and-norm kernel",
+                    len(fused))
+    return fused

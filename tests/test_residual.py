@@ -11,8 +11,7 @@ import torch
 from tests.helpers import ARCHITECTURES, PROMPTS, Engine, hf_greedy, require_architecture, vllm_greedy
 from vllm_transformers_backend.layers import make_rms_norm, rms_norm_form
 from vllm_transformers_backend.live import get_hf_model
-from vllm_transformers_backend.residual import (RESIDUAL_ENV, ResidualFusionError, _fused_layer_forward,
-                                                fuse_residual_norms)
+from vllm_transformers_backend.residual import RESIDUAL_ENV, ResidualFusionError, fuse_residual_norms, is_fused
 
 #: Plain pre-norm layers: fused. The others each have a step the fused forward does not do.
 FUSED = {"llama", "qwen2", "gemma", "qwen3", "mistral"}
@@ -101,6 +100,23 @@ def test_engine_generates_hf_tokens_with_fused_layers(arch, checkpoints, monkeyp
     path = checkpoints(arch)
     expected = hf_greedy(path, PROMPTS, 12)
     with Engine(path, "transformers") as llm:
-        layers = get_hf_model(llm).layers
-        assert all(layer.forward.__func__ is _fused_layer_forward for layer in layers)
+        layers = get_hf_model(llm, hf_layer_outputs=False).layers
+        assert all(is_fused(layer) for layer in layers)
         assert vllm_greedy(llm, PROMPTS, 12) == expected
+        # live-model access puts HF's layers back (hooks on whole layers then see HF's outputs); still HF's tokens
+        layers = get_hf_model(llm).layers
+        assert not any(is_fused(layer) for layer in layers)
+        assert vllm_greedy(llm, PROMPTS, 12) == expected
+
+
+def test_layers_qualify_under_the_loaders_bf16_default_dtype(monkeypatch):
+    """vLLM's loader builds the model with its dtype as torch's default (bf16 on GPUs): the CPU probe must still
+    compare in float32 (on the H100 a probe in the default dtype refused every layer)."""
+    monkeypatch.delenv(RESIDUAL_ENV, raising=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        _, body, fused = _body_pair("llama")
+    finally:
+        torch.set_default_dtype(previous)
+    assert len(fused) == 3 and next(body.parameters()).dtype == torch.bfloat16

@@ -8,6 +8,11 @@
 Hooks fire on every eager forward. With CUDA graphs (vLLM's default on GPUs) decode steps replay a
 recorded graph and run no Python, so hooks fire only on prefill (and during capture): build the LLM
 with ``enforce_eager=True`` to see every step.
+
+Residual fusion (``residual.py``) makes every decoder layer but the last return only its MLP output and hand
+the residual to the next layer, as vLLM's own models do. ``get_hf_model`` puts HF's layer forwards back by
+default, so a hook on a whole layer sees HF's output; ``hf_layer_outputs=False`` keeps the fused layers
+(faster; hooks on norms, attention, MLP and their children see HF's values either way).
 """
 from __future__ import annotations
 
@@ -20,12 +25,13 @@ from ._logging import get_logger
 logger = get_logger(__name__)
 
 
-def get_hf_model(llm: Any) -> nn.Module:
+def get_hf_model(llm: Any, hf_layer_outputs: bool = True) -> nn.Module:
     """The HF model body (a ``PreTrainedModel``) the backend runs inside ``llm``.
 
     Its module names are HF's, relative to the body: a causal model's ``model.layers[5].mlp`` in HF is
     ``get_hf_model(llm).layers[5].mlp``. Only single-process engines are reachable (TP = PP = 1); its
     activations come flattened as one batch of all scheduled tokens (``[1, num_tokens, hidden]``).
+    ``hf_layer_outputs``: decoder layers return HF's hidden states (residual fusion undone for this engine).
     """
     from .base import Base
 
@@ -41,4 +47,11 @@ def get_hf_model(llm: Any) -> nn.Module:
     if not engine.model_config.enforce_eager:
         logger.warning("CUDA graphs are on: forward hooks will not fire on decode steps (graph replay runs no "
                        "Python). Build the LLM with enforce_eager=True to observe every step.")
+    if hf_layer_outputs:
+        from .residual import unfuse_residual_norms
+
+        undone = unfuse_residual_norms(model.model)
+        if undone:
+            logger.info("residual fusion undone on %d decoder layers: hooks on whole layers see HF's outputs "
+                        "(get_hf_model(llm, hf_layer_outputs=False) keeps it)", undone)
     return model.model

@@ -135,8 +135,8 @@ def _probe_kwargs(forward: Any) -> Optional[Dict[str, Any]]:
         params = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return None
-    sentinel = {"attention_mask": torch.zeros(1), "position_ids": torch.zeros(1), "cache_position": torch.zeros(1),
-                "position_embeddings": (torch.zeros(1), torch.zeros(1))}
+    sentinel = {name: torch.zeros(1, device="cpu") for name in ("attention_mask", "position_ids", "cache_position")}
+    sentinel["position_embeddings"] = (torch.zeros(1, device="cpu"), torch.zeros(1, device="cpu"))
     any_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     return {name: value for name, value in sentinel.items() if any_kwargs or name in params}
 
@@ -171,8 +171,9 @@ def _qualification(layer: nn.Module) -> _Verdict:
 def _probe(layer: nn.Module, forward: Any, kwargs: Dict[str, Any], hidden: int) -> _Verdict:
     gen = torch.Generator().manual_seed(0)
     # explicit CPU tensors: this runs inside vLLM's loader, under ``with torch.device(target)``
-    w1, w2 = (torch.rand(hidden, generator=gen, device="cpu") + 0.5 for _ in range(2))
-    x = torch.randn(1, 3, hidden, generator=gen, device="cpu")
+    # float32 whatever default dtype vLLM's loader set: the comparison is exact up to rounding
+    w1, w2 = (torch.rand(hidden, generator=gen, device="cpu", dtype=torch.float32) + 0.5 for _ in range(2))
+    x = torch.randn(1, 3, hidden, generator=gen, device="cpu", dtype=torch.float32)
 
     def stand_in(carry: Optional[_Carry] = None, takes: bool = False, gives: bool = False
                  ) -> Tuple[nn.Module, _ProbeAttention]:
@@ -246,8 +247,19 @@ def install(layer: nn.Module, carry: _Carry, verdict: _Verdict, *, takes: bool, 
     layer.forward = types.MethodType(_fused_layer_forward, layer)
 
 
-def uninstall(layer: nn.Module) -> None:
-    layer.__dict__.pop("forward", None)
+def is_fused(layer: nn.Module) -> bool:
+    forward = layer.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _fused_layer_forward
+
+
+def unfuse_residual_norms(body: nn.Module) -> int:
+    """Puts HF's forward back on every fused layer of ``body`` (HF's forward calls the norms with one argument,
+    which vLLM's norms accept); returns how many layers changed."""
+    layers = [module for module in body.modules() if is_fused(module)]
+    for layer in layers:
+        del layer.__dict__["forward"]
+        layer._vtb_carry.residual = layer._vtb_carry.sent = None
+    return len(layers)
 
 
 def decoder_layers(body: nn.Module, num_layers: int) -> Optional[nn.ModuleList]:

@@ -32,6 +32,7 @@ class EngineRun:
     parameter_devices: Set[str]
     loaded_bytes: Optional[int]  # vLLM's "Loading model weights took" (device memory delta), GPU runner only
     norm_classes: Set[str]  # classes of the modules named ``*norm``
+    speed_paths: Set[str]  # the backend's replacements that engaged: "residual", "act_and_mul", "rotary"
 
 
 def parameter_bytes(model: torch.nn.Module) -> Tuple[int, Set[str]]:
@@ -46,6 +47,18 @@ def parameter_bytes(model: torch.nn.Module) -> Tuple[int, Set[str]]:
         seen.add(key)
         total += p.numel() * p.element_size()
     return total, devices
+
+
+def speed_paths(model: torch.nn.Module) -> Set[str]:
+    from vllm_transformers_backend.residual import is_fused
+
+    modules = list(model.modules())
+    paths = {"residual"} if any(is_fused(m) for m in modules) else set()
+    if any(hasattr(m, "vllm_act_and_mul") for m in modules):
+        paths.add("act_and_mul")
+    if getattr(model, "fused_rotary", False):
+        paths.add("rotary")
+    return paths
 
 
 def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: Sequence[Sequence[int]],
@@ -66,7 +79,7 @@ def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: 
         outputs = [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs)) for o in outs]
         norms = {type(m).__name__ for n, m in model.named_modules() if n.endswith("norm")}
         return EngineRun(type(model).__name__, outputs, nbytes, devices, getattr(runner, "model_memory_usage", None),
-                         norms)
+                         norms, speed_paths(model))
     finally:
         del llm
         destroy_model_parallel()

@@ -25,6 +25,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_transformers_backend.fusion import _glu_forward
+    from vllm_transformers_backend.residual import is_fused
 
     llm = LLM(model=path, model_impl="transformers", skip_tokenizer_init=True, gpu_memory_utilization=0.5,
               enforce_eager=True, seed=0)
@@ -33,7 +34,7 @@ def main() -> None:
     fused_rotary = llama.apply_rotary_pos_emb
     plain_rotary = getattr(fused_rotary, "__wrapped__", fused_rotary)
     mlps = [m for m in model.modules() if hasattr(m, "vllm_act_and_mul")]
-    fused_layers = {layer: layer.__dict__["forward"] for layer in model.model.layers if "forward" in layer.__dict__}
+    fused_layers = {layer: layer.forward for layer in model.model.layers if is_fused(layer)}
     print(f"fused rotary: {fused_rotary is not plain_rotary}; GLU MLPs: {len(mlps)}; residual-fused layers: "
           f"{len(fused_layers)}", flush=True)
 

@@ -6,8 +6,9 @@ A patch names its vLLM target and the vLLM base versions it knows. On any other 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
-from typing import Any, Callable, Iterable, Tuple
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 from vllm_transformers_backend import compat
 
@@ -27,6 +28,13 @@ class Patch:
     vllm_versions: Tuple[str, ...] = ("0.6.2",)
     #: Whether the backend cannot work without it.
     required: bool = True
+    #: What the patch wraps: (owner, attribute) pairs, the owner a module (``"vllm.config"``) or a class
+    #: (``"vllm.config:ModelConfig"``). The patch counts as applied when every one carries its mark.
+    wraps: Tuple[Tuple[str, str], ...] = ()
+
+    def owner(self, index: int = 0) -> Any:
+        """The module or class of ``wraps[index]``."""
+        return resolve(self.wraps[index][0])
 
     def supports_installed_vllm(self) -> bool:
         version = compat.installed_version("vllm")
@@ -48,10 +56,26 @@ class Patch:
             raise PatchError(f"patch {self.name!r} ({self.target}) did not take effect")
 
     def is_applied(self) -> bool:
-        raise NotImplementedError
+        return bool(self.wraps) and all(is_wrapped(own_attribute(resolve(owner), attr), self.name)
+                                        for owner, attr in self.wraps)
 
     def _apply(self) -> None:
         raise NotImplementedError
+
+
+def resolve(path: str) -> Any:
+    """``"package.module"`` or ``"package.module:Class"``: the module (imported) or the class in it."""
+    module_name, _, qualname = path.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split(".") if qualname else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+def own_attribute(owner: Any, attr: str) -> Optional[Any]:
+    """A class's own attribute (not an inherited one, which a patch of this class did not touch) or a
+    module's attribute; None when absent."""
+    return owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
 
 
 def require_parameters(func: Callable, names: Iterable[str], target: str) -> None:
@@ -62,8 +86,15 @@ def require_parameters(func: Callable, names: Iterable[str], target: str) -> Non
         raise PatchError(f"{target} has an unexpected signature (no {', '.join(missing)}): unknown vLLM build")
 
 
+def mark(func: Callable, patch_name: str) -> Callable:
+    """Marks ``func`` as put in place by the patch ``patch_name`` (what :func:`is_wrapped` reads)."""
+    setattr(func, _MARK, patch_name)
+    return func
+
+
 def is_wrapped(func: Any, patch_name: str) -> bool:
     func = func.__func__ if isinstance(func, staticmethod) else func
+    func = func.fget if isinstance(func, property) else func
     return getattr(func, _MARK, None) == patch_name
 
 
@@ -75,6 +106,6 @@ def wrap(owner: Any, attr: str, patch_name: str, make: Callable[[Callable], Call
         return
     wrapper = make(original)
     functools.update_wrapper(wrapper, original)
-    setattr(wrapper, _MARK, patch_name)
+    mark(wrapper, patch_name)
     setattr(owner, attr, staticmethod(wrapper) if static else wrapper)
 

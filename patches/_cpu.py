@@ -19,7 +19,4 @@ class CpuBuildPatch(Patch):
     """A patch that wraps its target on vLLM's CPU build and is a no-op elsewhere."""
 
     def is_applied(self) -> bool:
-        return not is_cpu_build() or self._is_wrapped()
-
-    def _is_wrapped(self) -> bool:
-        raise NotImplementedError
+        return not is_cpu_build() or super().is_applied()

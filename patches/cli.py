@@ -9,7 +9,7 @@ place at import time (the start-up hook sees to it).
 """
 from __future__ import annotations
 
-from ._base import Patch, is_wrapped, require_parameters, wrap
+from ._base import Patch, require_parameters, wrap
 from vllm_transformers_backend.options import DEFAULTS, MODEL_IMPLS, RUNNERS, TASKS
 
 
@@ -17,16 +17,10 @@ class CliPatch(Patch):
     name = "cli"
     target = "vllm.engine.arg_utils.EngineArgs.add_cli_args: --model-impl, --runner, --task, --override-pooler-config"
 
-    def _owner(self):
-        from vllm.engine.arg_utils import EngineArgs
-
-        return EngineArgs
-
-    def is_applied(self) -> bool:
-        return is_wrapped(self._owner().__dict__["add_cli_args"], self.name)
+    wraps = (("vllm.engine.arg_utils:EngineArgs", "add_cli_args"),)
 
     def _apply(self) -> None:
-        owner = self._owner()
+        owner = self.owner()
         require_parameters(owner.add_cli_args, ["parser"], self.target)
 
         def make(original):

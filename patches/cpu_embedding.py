@@ -15,7 +15,7 @@ import dataclasses
 import functools
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._base import is_wrapped, require_parameters, wrap
+from ._base import require_parameters, wrap
 from ._cpu import CpuBuildPatch
 
 
@@ -105,18 +105,10 @@ class CpuEmbeddingPatch(CpuBuildPatch):
     name = "cpu_embedding"
     target = "vllm.worker.cpu_worker.CPUWorker.__init__ (+ kv_cache): embedding runner in embedding mode"
 
-    def _owner(self):
-        from vllm.worker.cpu_worker import CPUWorker
-
-        return CPUWorker
-
-    def _is_wrapped(self) -> bool:
-        owner = self._owner()
-        return is_wrapped(owner.__dict__["__init__"], self.name) and is_wrapped(owner.__dict__["kv_cache"].fget,
-                                                                                 self.name)
+    wraps = (("vllm.worker.cpu_worker:CPUWorker", "__init__"), ("vllm.worker.cpu_worker:CPUWorker", "kv_cache"))
 
     def _apply(self) -> None:
-        owner = self._owner()
+        owner = self.owner()
         require_parameters(owner.__init__, ["model_config", "parallel_config", "scheduler_config", "device_config",
                                             "cache_config", "load_config", "lora_config", "kv_cache_dtype",
                                             "prompt_adapter_config", "is_driver_worker"], self.target)

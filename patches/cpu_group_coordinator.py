@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ._base import is_wrapped, require_parameters, wrap
+from ._base import require_parameters, wrap
 from ._cpu import CpuBuildPatch
 
 
@@ -35,19 +35,13 @@ class CpuGroupCoordinatorPatch(CpuBuildPatch):
     target = ("vllm.distributed.parallel_state.GroupCoordinator: no NCCL communicator on the CPU build, "
               "gloo all-reduce without IPEX, gloo-shaped all-gather")
 
-    def _owner(self):
-        from vllm.distributed.parallel_state import GroupCoordinator
-
-        return GroupCoordinator
-
-    def _is_wrapped(self) -> bool:
-        owner = self._owner()
-        return all(is_wrapped(owner.__dict__[attr], self.name) for attr in ("__init__", "_all_reduce", "all_gather"))
+    wraps = tuple(("vllm.distributed.parallel_state:GroupCoordinator", attr)
+                  for attr in ("__init__", "_all_reduce", "all_gather"))
 
     def _apply(self) -> None:
         import torch
 
-        owner = self._owner()
+        owner = self.owner()
         require_parameters(owner.__init__, ["use_pynccl", "use_custom_allreduce"], self.target)
         require_parameters(owner._all_reduce, ["input_"], self.target)
         require_parameters(owner.all_gather, ["input_", "dim"], self.target)

@@ -12,7 +12,7 @@ Known from vLLM 0.6.2+cpu; does nothing on other builds.
 """
 from __future__ import annotations
 
-from ._base import is_wrapped, require_parameters, wrap
+from ._base import require_parameters, wrap
 from ._cpu import CpuBuildPatch
 
 
@@ -21,16 +21,10 @@ class CpuModelInputPatch(CpuBuildPatch):
     target = ("vllm.worker.cpu_model_runner.CPUModelRunner.make_model_input_from_broadcasted_tensor_dict: "
               "the runner's own input class")
 
-    def _owner(self):
-        from vllm.worker.cpu_model_runner import CPUModelRunner
-
-        return CPUModelRunner
-
-    def _is_wrapped(self) -> bool:
-        return is_wrapped(self._owner().__dict__["make_model_input_from_broadcasted_tensor_dict"], self.name)
+    wraps = (("vllm.worker.cpu_model_runner:CPUModelRunner", "make_model_input_from_broadcasted_tensor_dict"),)
 
     def _apply(self) -> None:
-        owner = self._owner()
+        owner = self.owner()
         require_parameters(owner.make_model_input_from_broadcasted_tensor_dict, ["tensor_dict"], self.target)
 
         def make(original):

@@ -15,7 +15,7 @@ from typing import Any, Dict
 from vllm_transformers_backend.options import (DEFAULTS, validate_model_impl, validate_pooler_override,
                                                validate_runner)
 
-from ._base import Patch, PatchError, is_wrapped, wrap
+from ._base import Patch, PatchError, wrap
 
 #: ``create_model_config`` sets this for the ``ModelConfig`` it builds (see the model_config patch).
 PENDING_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("pending_backend_options", default=None)
@@ -42,20 +42,15 @@ class EngineArgsPatch(Patch):
     name = "engine_args"
     target = "vllm.engine.arg_utils.EngineArgs (+ AsyncEngineArgs): model_impl, runner/task, override_pooler_config"
 
-    def _classes(self):
-        from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
-
-        return EngineArgs, AsyncEngineArgs
+    wraps = (("vllm.engine.arg_utils:EngineArgs", "__init__"), ("vllm.engine.arg_utils:AsyncEngineArgs", "__init__"),
+             ("vllm.engine.arg_utils:EngineArgs", "create_model_config"))
 
     def is_applied(self) -> bool:
-        return all(
-            all(name in cls.__dataclass_fields__ for name in DEFAULTS)
-            and is_wrapped(cls.__dict__["__init__"], self.name)
-            for cls in self._classes()
-        ) and is_wrapped(self._classes()[0].create_model_config, self.name)
+        return super().is_applied() and all(name in self.owner(i).__dataclass_fields__
+                                            for i in (0, 1) for name in DEFAULTS)
 
     def _apply(self) -> None:
-        engine_args, async_engine_args = self._classes()
+        engine_args, async_engine_args = self.owner(0), self.owner(1)
         for cls in (engine_args, async_engine_args):
             if not dataclasses.is_dataclass(cls) or "__init__" not in cls.__dict__:
                 raise PatchError(f"{cls.__qualname__} is not the dataclass vLLM 0.6.2 defines")

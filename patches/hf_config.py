@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import Patch, is_wrapped, require_parameters, wrap
+from ._base import Patch, require_parameters, wrap
 
 
 def _text_configs(config: Any):
@@ -40,16 +40,10 @@ class HFConfigPatch(Patch):
     name = "hf_config"
     target = "vllm.config.get_config: head_dim=None and transformers-5 rope_theta normalised"
 
-    def _module(self):
-        import vllm.config
-
-        return vllm.config
-
-    def is_applied(self) -> bool:
-        return is_wrapped(self._module().get_config, self.name)
+    wraps = (("vllm.config", "get_config"),)
 
     def _apply(self) -> None:
-        module = self._module()
+        module = self.owner()
         require_parameters(module.get_config, ["model", "trust_remote_code"], self.target)
 
         def make(original):

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
-from ._base import Patch, is_wrapped, require_parameters
-
-_MARK = "__vllm_transformers_backend_patch__"
+from ._base import Patch, mark, require_parameters
 
 
 def embed(self, prompts: Any, pooling_params: Any = None, *, use_tqdm: bool = True, lora_request: Any = None,
@@ -23,24 +21,17 @@ def embed(self, prompts: Any, pooling_params: Any = None, *, use_tqdm: bool = Tr
                        prompt_adapter_request=prompt_adapter_request)
 
 
-setattr(embed, _MARK, "llm")
+mark(embed, "llm")
 
 
 class LLMPatch(Patch):
     name = "llm"
     target = "vllm.entrypoints.llm.LLM.embed (newer vLLM's name for encode)"
 
-    def _owner(self):
-        from vllm.entrypoints.llm import LLM
-
-        return LLM
-
-    def is_applied(self) -> bool:
-        method = self._owner().__dict__.get("embed")
-        return method is not None and is_wrapped(method, self.name)
+    wraps = (("vllm.entrypoints.llm:LLM", "embed"),)
 
     def _apply(self) -> None:
-        owner = self._owner()
+        owner = self.owner()
         require_parameters(owner.encode, ["prompts", "pooling_params", "use_tqdm", "lora_request",
                                           "prompt_adapter_request"], self.target)
         if "embed" in owner.__dict__:

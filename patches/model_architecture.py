@@ -7,9 +7,8 @@ function by name into ``model_loader.loader`` and ``model_loader/__init__`` (``i
 """
 from __future__ import annotations
 
-import sys
 
-from ._base import Patch, is_wrapped, require_parameters, wrap
+from ._base import Patch, require_parameters, wrap
 
 _BINDINGS = (
     "vllm.model_executor.model_loader.utils",
@@ -22,18 +21,12 @@ class ModelArchitecturePatch(Patch):
     name = "model_architecture"
     target = "vllm.model_executor.model_loader.utils.get_model_architecture (3 bindings)"
 
-    def _modules(self):
-        import vllm.model_executor.model_loader  # noqa: F401  (imports .utils and .loader)
-
-        return [sys.modules[name] for name in _BINDINGS]
-
-    def is_applied(self) -> bool:
-        return all(is_wrapped(getattr(m, "get_model_architecture", None), self.name) for m in self._modules())
+    wraps = tuple((name, "get_model_architecture") for name in _BINDINGS)
 
     def _apply(self) -> None:
         from vllm_transformers_backend.registry import resolve_model_architecture
 
-        utils, *others = self._modules()
+        utils, *others = (self.owner(i) for i in range(len(self.wraps)))
         require_parameters(utils.get_model_architecture, ["model_config"], self.target)
 
         def make(original):

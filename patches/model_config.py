@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from vllm_transformers_backend.options import default_runner
 
-from ._base import Patch, is_wrapped, wrap
+from ._base import Patch, wrap
 from .engine_args import PENDING_OPTIONS, validated_options
 
 
@@ -18,13 +18,7 @@ class ModelConfigPatch(Patch):
     name = "model_config"
     target = "vllm.config.ModelConfig.__init__: model_impl, runner, override_pooler_config"
 
-    def _owner(self):
-        from vllm.config import ModelConfig
-
-        return ModelConfig
-
-    def is_applied(self) -> bool:
-        return is_wrapped(self._owner().__dict__["__init__"], self.name)
+    wraps = (("vllm.config:ModelConfig", "__init__"),)
 
     def _apply(self) -> None:
         def make_init(original):
@@ -49,4 +43,4 @@ class ModelConfigPatch(Patch):
 
             return __init__
 
-        wrap(self._owner(), "__init__", self.name, make_init)
+        wrap(self.owner(), "__init__", self.name, make_init)

@@ -7,25 +7,19 @@ runs it inside :func:`vllm_transformers_backend.config.backend_config_scope`.
 """
 from __future__ import annotations
 
-from ._base import Patch, is_wrapped, require_parameters, wrap
+from ._base import Patch, require_parameters, wrap
 
 
 class ModelLoaderPatch(Patch):
     name = "model_loader"
     target = "vllm.model_executor.model_loader.loader._initialize_model: backend config bundle"
 
-    def _module(self):
-        from vllm.model_executor.model_loader import loader
-
-        return loader
-
-    def is_applied(self) -> bool:
-        return is_wrapped(self._module()._initialize_model, self.name)
+    wraps = (("vllm.model_executor.model_loader.loader", "_initialize_model"),)
 
     def _apply(self) -> None:
         from vllm_transformers_backend.config import BackendConfig, backend_config_scope
 
-        loader = self._module()
+        loader = self.owner()
         require_parameters(
             loader._initialize_model,
             ["model_config", "load_config", "lora_config", "cache_config", "scheduler_config"],

@@ -16,7 +16,7 @@ Two checks of ``pipeline_parallel_size > 1``:
 """
 from __future__ import annotations
 
-from ._base import Patch, is_wrapped, require_parameters, wrap
+from ._base import Patch, require_parameters, wrap
 from ._cpu import is_cpu_build
 
 
@@ -33,18 +33,12 @@ class PipelineParallelPatch(Patch):
     target = ("vllm.config.ModelConfig.verify_with_parallel_config: pipeline parallelism for backend models; "
               "refused on the CPU build")
 
-    def _owner(self):
-        from vllm.config import ModelConfig
-
-        return ModelConfig
-
-    def is_applied(self) -> bool:
-        return is_wrapped(self._owner().__dict__["verify_with_parallel_config"], self.name)
+    wraps = (("vllm.config:ModelConfig", "verify_with_parallel_config"),)
 
     def _apply(self) -> None:
         import vllm.config as config_module
 
-        owner = self._owner()
+        owner = self.owner()
         require_parameters(owner.verify_with_parallel_config, ["parallel_config"], self.target)
         if not isinstance(getattr(config_module, "_PP_SUPPORTED_MODELS", None), list):
             raise RuntimeError("vllm.config._PP_SUPPORTED_MODELS is not a list: unknown vLLM build")

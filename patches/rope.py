@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ._base import Patch, is_wrapped, require_parameters, wrap
+from ._base import Patch, require_parameters, wrap
 
 
 def effective_rope_scaling(rope_scaling: Any) -> Any:
@@ -42,18 +42,10 @@ class RopePatch(Patch):
     name = "rope"
     target = "vllm.config._get_and_verify_max_len and rotary_embedding.get_rope: transformers-5 rope_parameters"
 
-    def _modules(self):
-        import vllm.config
-        from vllm.model_executor.layers import rotary_embedding
-
-        return vllm.config, rotary_embedding
-
-    def is_applied(self) -> bool:
-        config, rotary = self._modules()
-        return is_wrapped(config._get_and_verify_max_len, self.name) and is_wrapped(rotary.get_rope, self.name)
+    wraps = (("vllm.config", "_get_and_verify_max_len"), ("vllm.model_executor.layers.rotary_embedding", "get_rope"))
 
     def _apply(self) -> None:
-        config, rotary = self._modules()
+        config, rotary = self.owner(0), self.owner(1)
         require_parameters(config._get_and_verify_max_len, ["hf_config", "max_model_len"], self.target)
         require_parameters(rotary.get_rope, ["rope_scaling", "base"], self.target)
 

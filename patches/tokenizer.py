@@ -7,24 +7,17 @@ an equivalent (the special tokens as strings; vLLM only reads it for its cached 
 """
 from __future__ import annotations
 
-from ._base import Patch, is_wrapped, require_parameters, wrap
+from ._base import Patch, require_parameters, wrap
 
 
 class TokenizerPatch(Patch):
     name = "tokenizer"
     target = "vllm.transformers_utils.tokenizer.get_cached_tokenizer: transformers-5 tokenizers"
 
-    def _modules(self):
-        import vllm.entrypoints.llm as llm
-        from vllm.transformers_utils import tokenizer
-
-        return tokenizer, llm
-
-    def is_applied(self) -> bool:
-        return all(is_wrapped(m.get_cached_tokenizer, self.name) for m in self._modules())
+    wraps = (("vllm.transformers_utils.tokenizer", "get_cached_tokenizer"), ("vllm.entrypoints.llm", "get_cached_tokenizer"))
 
     def _apply(self) -> None:
-        tokenizer_module, llm_module = self._modules()
+        tokenizer_module, llm_module = self.owner(0), self.owner(1)
         require_parameters(tokenizer_module.get_cached_tokenizer, ["tokenizer"], self.target)
 
         def make(original):

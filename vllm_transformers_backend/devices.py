@@ -12,9 +12,10 @@ forked subprocess").
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -24,6 +25,20 @@ MLU_BF16_MIN_CAPABILITY = 5
 
 class UnsupportedDtypeError(ValueError):
     """The model's dtype cannot run on this device (the message names the dtype to use instead)."""
+
+
+@contextlib.contextmanager
+def cpu_probe() -> Iterator[None]:
+    """For the checks that run an HF function on small made-up tensors (norm form, rotary function, decoder
+    layer shape): they run while vLLM's loader has made the target device and the model dtype torch's
+    defaults, and must compare exactly, so they run on the CPU in float32 whatever those defaults are."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"), torch.no_grad():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def current_device() -> torch.device:

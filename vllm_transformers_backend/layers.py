@@ -222,11 +222,15 @@ def rms_norm_form(module: nn.Module) -> Optional[str]:
     weight = getattr(module, "weight", None)
     eps = _eps_of(module)
     if isinstance(weight, torch.Tensor) and weight.dim() == 1 and eps is not None and not list(module.children()):
-        # The probe runs on the CPU whatever device vLLM's loader made the default.
-        with torch.device("cpu"), torch.no_grad():
+        with devices.cpu_probe():
             form = _probe_norm_form(module, weight.shape[0], eps)
     _NORM_FORMS[cls] = form
     return form
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x)``: the reference the CPU probes compare HF modules with."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def _probe_norm_form(module: nn.Module, hidden: int, eps: float) -> Optional[str]:
@@ -236,16 +240,16 @@ def _probe_norm_form(module: nn.Module, hidden: int, eps: float) -> Optional[str
     probe._parameters = dict(module._parameters)
     probe._buffers = dict(module._buffers)
     generator = torch.Generator().manual_seed(0)
-    w = torch.randn(hidden, generator=generator, dtype=torch.float32) * 0.5
+    w = torch.randn(hidden, generator=generator) * 0.5
     probe._parameters["weight"] = nn.Parameter(w, requires_grad=False)
-    x = torch.randn(3, hidden, generator=generator, dtype=torch.float32)
+    x = torch.randn(3, hidden, generator=generator)
     try:
         out = probe(x)
     except Exception:
         return None
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         return None
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    normed = rms_normalize(x, eps)
     if torch.allclose(out, normed * w, atol=1e-5, rtol=1e-4):
         return "plain"
     if torch.allclose(out, normed * (1.0 + w), atol=1e-5, rtol=1e-4):

@@ -36,9 +36,11 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
+from . import devices
 from ._logging import get_logger
 from .fusion import fusion_enabled
-from .layers import HFGemmaRMSNorm, HFRMSNorm
+from .layers import HFGemmaRMSNorm, HFRMSNorm, rms_normalize
+from .pipeline import PPMissingLayer
 
 logger = get_logger(__name__)
 
@@ -102,7 +104,7 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: An
 
 
 class _ProbeNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight, self.eps = weight, eps
 
@@ -110,8 +112,16 @@ class _ProbeNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        out = rms_normalize(x, self.eps) * self.weight
         return out if residual is None else (out, residual)
+
+
+def _probe_attention_output(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x) * 0.7 + 0.1
+
+
+def _probe_mlp_output(x: torch.Tensor) -> torch.Tensor:
+    return x * x * 0.3 - 0.2
 
 
 class _ProbeAttention(nn.Module):
@@ -121,22 +131,18 @@ class _ProbeAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, None]:
         self.calls.append({"args": args, **kwargs})
-        return torch.tanh(hidden_states) * 0.7 + 0.1, None
+        return _probe_attention_output(hidden_states), None
 
 
 class _ProbeMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * x * 0.3 - 0.2
+        return _probe_mlp_output(x)
 
 
-def _probe_kwargs(forward: Any) -> Optional[Dict[str, Any]]:
+def _probe_kwargs(params: Any) -> Dict[str, Any]:
     """Stand-ins for what an HF model hands its layers (only the names the forward accepts)."""
-    try:
-        params = inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return None
-    sentinel = {name: torch.zeros(1, device="cpu") for name in ("attention_mask", "position_ids", "cache_position")}
-    sentinel["position_embeddings"] = (torch.zeros(1, device="cpu"), torch.zeros(1, device="cpu"))
+    sentinel: Dict[str, Any] = {name: torch.zeros(1) for name in ("attention_mask", "position_ids", "cache_position")}
+    sentinel["position_embeddings"] = (torch.zeros(1), torch.zeros(1))
     any_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     return {name: value for name, value in sentinel.items() if any_kwargs or name in params}
 
@@ -145,6 +151,7 @@ class _Verdict(NamedTuple):
     problem: Optional[str]  # why the layer class keeps HF's forward (None: it can use the fused one)
     returns_tuple: bool = False  # HF's forward returns ``(hidden_states,)``
     attention_defaults: Dict[str, Any] = {}  # the forward's defaults that it hands the attention
+    positional_names: Tuple[str, ...] = ()  # the forward's parameters after ``hidden_states``, in order
 
 
 def _qualification(layer: nn.Module) -> _Verdict:
@@ -155,25 +162,26 @@ def _qualification(layer: nn.Module) -> _Verdict:
     if not isinstance(children.get("self_attn"), nn.Module) or not isinstance(children.get("mlp"), nn.Module):
         return _Verdict("it has no self_attn/mlp pair")
     forward = type(layer).forward
-    kwargs = _probe_kwargs(forward)
-    if kwargs is None:
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
         return _Verdict("its forward has no readable signature")
     modes = [(module, module.training) for module in layer.modules()]
     try:
         layer.eval()  # vLLM's loader sets eval mode too; dropout must not make the probe random
-        with torch.no_grad():
-            return _probe(layer, forward, kwargs, norms[0].weight.shape[0])
+        with devices.cpu_probe():
+            return _probe(layer, forward, params, norms[0].weight.shape[0])
     finally:
         for module, mode in modes:
             module.training = mode
 
 
-def _probe(layer: nn.Module, forward: Any, kwargs: Dict[str, Any], hidden: int) -> _Verdict:
+def _probe(layer: nn.Module, forward: Any, params: Any, hidden: int) -> _Verdict:
+    kwargs = _probe_kwargs(params)
     gen = torch.Generator().manual_seed(0)
-    # explicit CPU tensors: this runs inside vLLM's loader, under ``with torch.device(target)``
-    # float32 whatever default dtype vLLM's loader set: the comparison is exact up to rounding
-    w1, w2 = (torch.rand(hidden, generator=gen, device="cpu", dtype=torch.float32) + 0.5 for _ in range(2))
-    x = torch.randn(1, 3, hidden, generator=gen, device="cpu", dtype=torch.float32)
+    norm1, norm2 = (_ProbeNorm(torch.rand(hidden, generator=gen) + 0.5) for _ in range(2))
+    x = torch.randn(1, 3, hidden, generator=gen)
+    positional = tuple(p.name for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[2:]
 
     def stand_in(carry: Optional[_Carry] = None, takes: bool = False, gives: bool = False
                  ) -> Tuple[nn.Module, _ProbeAttention]:
@@ -181,17 +189,15 @@ def _probe(layer: nn.Module, forward: Any, kwargs: Dict[str, Any], hidden: int) 
         probe.__dict__.pop("forward", None)
         attention = _ProbeAttention()
         probe._modules = {**layer._modules, "self_attn": attention, "mlp": _ProbeMLP(),
-                          "input_layernorm": _ProbeNorm(w1, 1e-6), "post_attention_layernorm": _ProbeNorm(w2, 1e-6)}
+                          "input_layernorm": norm1, "post_attention_layernorm": norm2}
         if carry is not None:
-            install(probe, carry, _Verdict(None, False, defaults), takes=takes, gives=gives, body_name="probe")
+            install(probe, carry, _Verdict(None, False, defaults, positional), takes=takes, gives=gives,
+                    body_name="probe")
         return probe, attention
 
     def formula(h: torch.Tensor) -> torch.Tensor:
-        def norm(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-        h = h + torch.tanh(norm(h, w1)) * 0.7 + 0.1
-        n = norm(h, w2)
-        return h + n * n * 0.3 - 0.2
+        h = h + _probe_attention_output(norm1(h))
+        return h + _probe_mlp_output(norm2(h))
 
     original, attention = stand_in()
     try:
@@ -212,7 +218,6 @@ def _probe(layer: nn.Module, forward: Any, kwargs: Dict[str, Any], hidden: int) 
     # at run time as the model passes them; what matters is that the model's tensors arrive untouched.
     if call.pop("args") or any(call.get(k) is not v for k, v in kwargs.items()):
         return _Verdict("its forward does not pass its arguments to the attention unchanged")
-    params = inspect.signature(forward).parameters
     defaults = {name: params[name].default for name in call
                 if name in params and params[name].default is not inspect.Parameter.empty}
     # The fused forward itself, alone and as a run of three layers, on the same stand-ins.
@@ -224,20 +229,14 @@ def _probe(layer: nn.Module, forward: Any, kwargs: Dict[str, Any], hidden: int) 
     if not (torch.allclose(alone, formula(x), atol=1e-5, rtol=1e-5)
             and torch.allclose(chained, formula(formula(formula(x))), atol=1e-4, rtol=1e-4)):
         return _Verdict("the fused forward does not reproduce it (a backend bug)")
-    return _Verdict(None, returns_tuple, defaults)
+    return _Verdict(None, returns_tuple, defaults, positional)
 
 
 # --- installing ------------------------------------------------------------------------------------
 
 
 def install(layer: nn.Module, carry: _Carry, verdict: _Verdict, *, takes: bool, gives: bool, body_name: str) -> None:
-    forward = type(layer).forward
-    try:
-        names = [p.name for p in inspect.signature(forward).parameters.values()
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
-    except (TypeError, ValueError):
-        names = []
-    layer._vtb_positional_names = names
+    layer._vtb_positional_names = verdict.positional_names
     layer._vtb_carry = carry
     layer._vtb_takes_residual = takes
     layer._vtb_gives_residual = gives
@@ -280,7 +279,7 @@ def fuse_residual_norms(body: nn.Module, num_layers: int) -> List[nn.Module]:
     verdicts: Dict[type, _Verdict] = {}
     runs: List[List[nn.Module]] = [[]]
     for layer in layers:
-        if not hasattr(layer, "_modules") or type(layer).__name__ == "PPMissingLayer":
+        if isinstance(layer, PPMissingLayer):  # another pipeline rank's layer: a run ends here
             runs.append([])
             continue
         cls = type(layer)

@@ -28,6 +28,7 @@ from vllm import _custom_ops as ops
 
 from ._logging import get_logger
 from .attention import get_attention_context
+from .devices import cpu_probe
 
 logger = get_logger(__name__)
 
@@ -47,18 +48,17 @@ def reference_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
 
 def is_standard_rotary(fn: Callable) -> bool:
     """Whether ``fn(q, k, cos, sin)`` computes the standard (NeoX-style) rotation, checked on CPU float32."""
-    gen = torch.Generator().manual_seed(0)
-    # explicit CPU: this runs inside vLLM's loader, under ``with torch.device(target)``
-    q = torch.randn(2, 3, 5, 8, generator=gen, device="cpu")
-    k = torch.randn(2, 1, 5, 8, generator=gen, device="cpu")
-    freqs = torch.randn(2, 5, 4, generator=gen, device="cpu")
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    try:
-        with torch.no_grad():
+    with cpu_probe():
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 3, 5, 8, generator=gen)
+        k = torch.randn(2, 1, 5, 8, generator=gen)
+        freqs = torch.randn(2, 5, 4, generator=gen)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        try:
             got = fn(q, k, cos, sin)
-    except Exception:  # a different signature: not the standard function
-        return False
+        except Exception:  # a different signature: not the standard function
+            return False
     if not isinstance(got, tuple) or len(got) != 2:
         return False
     want = reference_rotary(q, k, cos, sin)

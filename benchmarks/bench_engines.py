@@ -82,14 +82,14 @@ def run_vllm(args, workloads: List[Workload], vocab_size: int) -> Dict[str, Any]
     start = time.perf_counter()
     llm = LLM(model=str(args.checkpoint), model_impl=args.impl, dtype=args.dtype, device=args.device,
               skip_tokenizer_init=True, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-              gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
+              gpu_memory_utilization=args.gpu_memory_utilization, seed=0, tensor_parallel_size=args.tp)
     start_s = time.perf_counter() - start
     runner = llm.llm_engine.model_executor.driver_worker.model_runner
     out: Dict[str, Any] = {"model_class": type(runner.model).__name__, "start_s": start_s,
-                           "weight_bytes": parameter_bytes(runner.model),
+                           "weight_bytes": parameter_bytes(runner.model),  # rank 0's share at TP > 1
                            "loaded_bytes": getattr(runner, "model_memory_usage", None),
                            # enforce_eager as the engine ran it (the CPU executor forces it on)
-                           "engine": {"max_model_len": args.max_model_len,
+                           "engine": {"max_model_len": args.max_model_len, "tensor_parallel_size": args.tp,
                                       "enforce_eager": llm.llm_engine.model_config.enforce_eager,
                                       "gpu_memory_utilization": args.gpu_memory_utilization,
                                       "num_gpu_blocks": llm.llm_engine.cache_config.num_gpu_blocks,
@@ -185,6 +185,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of the vLLM engines")
     args = parser.parse_args(argv)
 
     if args.action == "build":

@@ -37,35 +37,40 @@ def save(path: Path, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def impl_label(impl: str, enforce_eager: Optional[bool]) -> str:
+def impl_label(impl: str, enforce_eager: Optional[bool], tp: int = 1) -> str:
     name = {"vllm": "native vLLM", "transformers": "backend", "hf": "HF generate"}[impl]
-    return name + (" (eager)" if enforce_eager else "")
+    return name + (f" TP={tp}" if tp > 1 else "") + (" (eager)" if enforce_eager else "")
 
 
 def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per (device, model, workload, implementation, eager): medians over repeats, each run's tok/s,
-    and the ratio to native vLLM of the same mode (HF generate: to native with CUDA graphs if measured)."""
+    """One row per (device, model, workload, implementation, eager, TP): medians over repeats, each run's
+    tok/s, the ratio to native vLLM of the same mode and TP (HF generate: to native TP=1 with CUDA graphs if
+    measured), and at TP > 1 the ratio to the same implementation and mode at TP=1."""
     groups: Dict[Tuple, List[Dict[str, Any]]] = {}
     for run in runs:
-        key = (run["device_name"], run["model"], run["workload"], run["impl"], run["enforce_eager"])
+        key = (run["device_name"], run["model"], run["workload"], run["impl"], run["enforce_eager"], run.get("tp", 1))
         groups.setdefault(key, []).append(run)
     rows = []
-    for (device_name, model, workload, impl, eager), group in groups.items():
+    for (device_name, model, workload, impl, eager, tp), group in groups.items():
         rows.append({"device_name": device_name, "model": model, "workload": workload, "impl": impl,
-                     "enforce_eager": eager, "label": impl_label(impl, eager), "n": len(group),
+                     "enforce_eager": eager, "tp": tp, "label": impl_label(impl, eager, tp), "n": len(group),
                      "workload_text": "{workload} ({prompts} x {input_len} in / {output_len} out)".format(**group[0]),
                      "tok_s": _median(group, "tok_s"), "runs_tok_s": [r["tok_s"] for r in group],
                      "total_s": _median(group, "total_s"), "start_s": _median(group, "start_s"),
                      "weight_gib": _median(group, "weight_gib"), "loaded_gib": _median(group, "loaded_gib")})
-    native = {(r["device_name"], r["model"], r["workload"], r["enforce_eager"]): r["tok_s"]
+    native = {(r["device_name"], r["model"], r["workload"], r["enforce_eager"], r["tp"]): r["tok_s"]
               for r in rows if r["impl"] == "vllm"}
+    by_config = {(r["device_name"], r["model"], r["workload"], r["impl"], r["enforce_eager"], r["tp"]): r["tok_s"]
+                 for r in rows}
     for r in rows:
         base = r["device_name"], r["model"], r["workload"]
-        ref = native.get(base + (r["enforce_eager"],)) if r["impl"] != "hf" else (
-            native.get(base + (False,)) or native.get(base + (True,)))
+        ref = native.get(base + (r["enforce_eager"], r["tp"])) if r["impl"] != "hf" else (
+            native.get(base + (False, 1)) or native.get(base + (True, 1)))
         r["vs_native"] = r["tok_s"] / ref if ref else None
+        tp1 = by_config.get(base + (r["impl"], r["enforce_eager"], 1)) if r["tp"] > 1 else None
+        r["vs_tp1"] = r["tok_s"] / tp1 if tp1 else None
     rows.sort(key=lambda r: (r["device_name"], _MODEL_ORDER.get(r["model"], 9), _WORKLOAD_ORDER.get(r["workload"], 9),
-                             _mode_order(r), _IMPL_ORDER[r["impl"]]))
+                             _mode_order(r), r["tp"], _IMPL_ORDER[r["impl"]]))
     return rows
 
 
@@ -85,14 +90,18 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
     for device in devices:
         if len(devices) > 1:
             lines += [f"**{device}**", ""]
+        on_device = [r for r in rows if r["device_name"] == device]
+        with_tp = any(r["tp"] > 1 for r in on_device)
         lines += ["| model | workload | implementation | output tok/s (median) | runs (tok/s) | total s | "
-                  "weights GiB | engine start s | vs native |",
-                  "|---|---|---|---:|---|---:|---:|---:|---:|"]
-        for r in (r for r in rows if r["device_name"] == device):
+                  f"weights GiB{' (rank 0)' if with_tp else ''} | engine start s | vs native |"
+                  + (" vs TP=1 |" if with_tp else ""),
+                  "|---|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if with_tp else "")]
+        for r in on_device:
             runs = ", ".join(f"{v:,.0f}" for v in r["runs_tok_s"])
             lines.append(f"| {MODEL_LABELS.get(r['model'], r['model'])} | {r['workload_text']} | {r['label']} | "
                          f"{r['tok_s']:,.0f} | {runs} | {_num(r['total_s'], 2)} | {_num(r['weight_gib'], 2)} | "
-                         f"{_num(r['start_s'], 1)} | {_ratio(r['vs_native'])} |")
+                         f"{_num(r['start_s'], 1)} | {_ratio(r['vs_native'])} |"
+                         + (f" {_ratio(r['vs_tp1'])} |" if with_tp else ""))
         lines.append("")
     return "\n".join(lines)
 

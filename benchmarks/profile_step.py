@@ -13,6 +13,8 @@ import argparse
 import gc
 import os
 import random
+import subprocess
+import sys
 from collections import defaultdict
 
 import torch
@@ -86,8 +88,15 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="/tmp/llama1b-random")
     args = parser.parse_args()
     path = build_checkpoint(args.checkpoint)
-    for impl in args.impls.split(","):
-        profile(impl, path, args.batch, args.steps, args.top)
+    impls = args.impls.split(",")
+    if len(impls) == 1:
+        profile(impls[0], path, args.batch, args.steps, args.top)
+        return
+    # One process per engine: vLLM 0.6.2 keeps most of a deleted engine's GPU memory, and a second engine sizes
+    # its KV cache from the whole GPU without counting it (on an H100 the second engine ran out of memory).
+    for impl in impls:
+        subprocess.run([sys.executable, __file__, "--impls", impl, "--batch", str(args.batch), "--steps",
+                        str(args.steps), "--top", str(args.top), "--checkpoint", path], check=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ random-weight checkpoint, same prompts, in one run.
     python benchmarks/throughput.py --models 8b --impls vllm,transformers
     python benchmarks/throughput.py --report-only                    # table and chart from the JSON
     python benchmarks/throughput.py --device cpu --tiny              # smoke test, seconds, no GPU
+    python benchmarks/throughput.py --models 1b --tp 1,2 --impls vllm,transformers   # TP scaling, 2 GPUs
 
 Workloads: decode-heavy (256 prompts, 128 in / 128 out) and prefill-heavy (64 prompts, 1024 in / 32 out),
 random token ids, greedy, ``ignore_eos``. Shapes: Llama-1B (hidden 2048, 16 layers) and Llama-8B (hidden
@@ -16,6 +17,8 @@ every child's runs are merged into ``<out>/throughput.json`` as soon as it ends,
 per model, say) build one results file, and a command killed by a time limit keeps what finished.
 ``--budget-s`` stops starting children that would not end in time. At the end: the Markdown table over all
 runs in the file (medians, each run, ratio to native), and a PNG chart when matplotlib is installed.
+``--tp 1,2`` runs the vLLM engines at each tensor-parallel size (HF ``generate`` only at 1) into
+``throughput-tp.json``; its table adds each row's ratio to the same implementation at TP=1.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ class Orchestrator:
         self.args = args
         self.t0 = time.monotonic()
         self.estimates: Dict[str, float] = {}
-        self.results_path = args.out / ("throughput.json" if not args.tiny else f"throughput-{args.device}-tiny.json")
+        self.results_path = results_path(args)
         self.data = bench_report.empty() if args.fresh else bench_report.load(self.results_path)
         self.invocation = {"id": uuid.uuid4().hex[:8], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -69,7 +72,7 @@ class Orchestrator:
     def _terminate(self, signum, frame) -> None:
         """SIGTERM (a time limit): stop the running child, keep the results so far."""
         if self.proc is not None:
-            self.proc.kill()
+            _kill_tree(self.proc)
         self.log("terminated: results so far are saved")
         self.save()
         sys.exit(128 + signum)
@@ -118,8 +121,7 @@ class Orchestrator:
         try:
             proc.wait(timeout=self.child_timeout())
         except subprocess.TimeoutExpired:
-            proc.kill()  # engines here are single-process: no workers to chase
-            proc.wait()
+            _kill_tree(proc)  # TP > 1: vLLM's worker processes are the child's children
         finally:
             self.proc = None
         reader.join(timeout=10)
@@ -156,15 +158,15 @@ class Orchestrator:
         self.data["checkpoints"][model] = {"path": str(path), "shape": MODELS[model], **result["build"]}
         return path
 
-    def bench(self, model: str, path: Path, impl: str, repeat: int) -> None:
-        what = f"{model} {impl} (repeat {repeat + 1}/{self.args.repeats})"
-        key = f"{model}/{impl}"
+    def bench(self, model: str, path: Path, impl: str, tp: int, repeat: int) -> None:
+        what = f"{model} {impl}{f' TP={tp}' if tp > 1 else ''} (repeat {repeat + 1}/{self.args.repeats})"
+        key = f"{model}/{impl}/{tp}"
         if not self.fits(what, self.estimates.get(key, ESTIMATE_S[model]), model, impl):
             return
         child_args = ["run", "--impl", impl, "--model", model, "--checkpoint", str(path), "--workloads",
                       ",".join(self.args.workloads), "--device", self.args.device, "--dtype", self.args.dtype,
                       "--gpu-memory-utilization", str(self.args.gpu_memory_utilization), "--max-model-len",
-                      str(self.args.max_model_len), "--hf-batch-size", str(self.args.hf_batch_size)]
+                      str(self.args.max_model_len), "--hf-batch-size", str(self.args.hf_batch_size), "--tp", str(tp)]
         if self.args.tiny:
             child_args.append("--tiny")
         if self.args.enforce_eager:
@@ -183,7 +185,7 @@ class Orchestrator:
                 "invocation": self.invocation["id"], "model": model, "impl": impl, "workload": w["workload"],
                 "enforce_eager": None if impl == "hf" else bool(result["engine"]["enforce_eager"]),
                 "device": self.args.device, "dtype": self.args.dtype, "device_name": result["env"]["device_name"],
-                "repeat": repeat, "prompts": w["prompts"], "input_len": w["input_len"],
+                "repeat": repeat, "tp": tp, "prompts": w["prompts"], "input_len": w["input_len"],
                 "output_len": w["output_len"], "output_tokens": w["output_tokens"], "total_s": w["total_s"],
                 "tok_s": w["tok_s"], "start_s": result["start_s"], "weight_gib": result["weight_bytes"] / 2 ** 30,
                 "loaded_gib": None if result["loaded_bytes"] is None else result["loaded_bytes"] / 2 ** 30,
@@ -200,10 +202,35 @@ class Orchestrator:
             if path is None:
                 continue
             for repeat in range(self.args.repeats):
-                for impl in self.args.impls:  # alternate: drift over time hits every implementation alike
-                    self.bench(model, path, impl, repeat)
-                    self.save()
+                for tp in self.args.tp:
+                    for impl in self.args.impls:  # alternate: drift over time hits every implementation alike
+                        if impl == "hf" and tp > 1:
+                            continue  # HF generate runs on one device: its row is the TP=1 one
+                        self.bench(model, path, impl, tp, repeat)
+                        self.save()
         self.log(f"results: {self.results_path}")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    try:
+        import psutil  # a vLLM dependency
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # psutil missing or the child already gone
+        children = []
+    proc.kill()
+    for child in children:
+        try:
+            child.kill()
+        except Exception:
+            pass
+    proc.wait()
+
+
+def results_path(args: argparse.Namespace) -> Path:
+    """TP runs and the CPU smoke test get files of their own: never mixed into the one-GPU results."""
+    name = "throughput" + (f"-{args.device}-tiny" if args.tiny else "") + ("-tp" if args.tp != [1] else "")
+    return args.out / f"{name}.json"
 
 
 def _pump(stream, lines: List[str], quiet: bool) -> None:
@@ -263,6 +290,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs per implementation, alternating; the table "
                    "shows each run and the median")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM engines without CUDA graphs")
+    p.add_argument("--tp", default="1", help="comma-separated tensor-parallel sizes of the vLLM engines (e.g. 1,2); "
+                   "HF generate runs at 1 only")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny Llama, float32, CPU-sized workloads (smoke test)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -282,6 +311,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.models = ["tiny"] if args.tiny else _split(args.models, MODELS)
     args.workloads = _split(args.workloads, ("decode", "prefill"))
     args.impls = _split(args.impls, IMPLS)
+    try:
+        args.tp = sorted({int(v) for v in args.tp.split(",") if v.strip()})
+    except ValueError:
+        p.error(f"--tp {args.tp!r}: comma-separated integers, e.g. 1,2")
+    if not args.tp or min(args.tp) < 1:
+        p.error("--tp: sizes of at least 1")
     args.dtype = "float32" if args.tiny else "bfloat16"
     args.max_model_len = args.max_model_len or (256 if args.tiny else 2048)
     if args.device == "cpu" and not args.tiny:
@@ -312,7 +347,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     title = "Output throughput: native vLLM 0.6.2 vs Transformers backend vs HF generate"
     if args.report_only:
-        report(args.out / ("throughput.json" if not args.tiny else f"throughput-{args.device}-tiny.json"), title)
+        report(results_path(args), title)
         return
     orchestrator = Orchestrator(args)
     orchestrator.run()

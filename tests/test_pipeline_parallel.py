@@ -128,6 +128,39 @@ def test_two_stages_equal_hf(checkpoints, monkeypatch, one_process_group, name):
         torch.testing.assert_close(_chain(stages, prompt), reference, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("partition", [None, "3,1"])
+def test_fused_layer_runs_per_rank_equal_hf(tmp_path, monkeypatch, one_process_group, partition):
+    """Residual fusion under pipeline parallel: each rank's layers form their own fused run (the residual is
+    carried inside a rank, the rank's last layer hands over the true sum), with vLLM's even split and an
+    uneven ``VLLM_PP_LAYER_PARTITION``; the chained stages equal HF."""
+    import transformers
+
+    from vllm_transformers_backend import base
+    from vllm_transformers_backend.pipeline import PPMissingLayer
+    from vllm_transformers_backend.residual import is_fused
+
+    require_pp_plan("llama")
+    if partition:
+        monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", partition)
+    config = ARCHITECTURES["llama"][0]()
+    config.num_hidden_layers, config.initializer_range = 4, 0.1
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    monkeypatch.setattr(base, "attention_context", lambda ctx: contextlib.nullcontext())
+    stages = [_stage(tmp_path, rank, 2, monkeypatch) for rank in range(2)]
+    split = [int(n) for n in (partition or "2,2").split(",")]
+    assert [s.end_layer - s.start_layer for s in stages] == split
+    for stage in stages:
+        local = [layer for layer in stage.model.layers if not isinstance(layer, PPMissingLayer)]
+        assert len(local) == stage.end_layer - stage.start_layer
+        assert all(is_fused(layer) for layer in local), "every local Llama layer adds its residual in the fused norm"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    for prompt in PROMPTS[:3]:
+        with torch.no_grad():
+            reference = hf(input_ids=torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(_chain(stages, prompt), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_empty_intermediate_tensors(checkpoints, monkeypatch, one_process_group):
     require_pp_plan("llama")
     stage = _stage(checkpoints("llama"), 1, 2, monkeypatch)

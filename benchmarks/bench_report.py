@@ -58,14 +58,12 @@ def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                      "tok_s": _median(group, "tok_s"), "runs_tok_s": [r["tok_s"] for r in group],
                      "total_s": _median(group, "total_s"), "start_s": _median(group, "start_s"),
                      "weight_gib": _median(group, "weight_gib"), "loaded_gib": _median(group, "loaded_gib")})
-    native = {(r["device_name"], r["model"], r["workload"], r["enforce_eager"], r["tp"]): r["tok_s"]
-              for r in rows if r["impl"] == "vllm"}
     by_config = {(r["device_name"], r["model"], r["workload"], r["impl"], r["enforce_eager"], r["tp"]): r["tok_s"]
                  for r in rows}
     for r in rows:
         base = r["device_name"], r["model"], r["workload"]
-        ref = native.get(base + (r["enforce_eager"], r["tp"])) if r["impl"] != "hf" else (
-            native.get(base + (False, 1)) or native.get(base + (True, 1)))
+        ref = by_config.get(base + ("vllm", r["enforce_eager"], r["tp"])) if r["impl"] != "hf" else (
+            by_config.get(base + ("vllm", False, 1)) or by_config.get(base + ("vllm", True, 1)))
         r["vs_native"] = r["tok_s"] / ref if ref else None
         tp1 = by_config.get(base + (r["impl"], r["enforce_eager"], 1)) if r["tp"] > 1 else None
         r["vs_tp1"] = r["tok_s"] / tp1 if tp1 else None

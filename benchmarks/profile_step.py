@@ -11,28 +11,21 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import random
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
 
 def build_checkpoint(path: str) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The throughput benchmark's random Llama-1B-shape checkpoint (``bench_specs``), built once at ``path``."""
+    from bench_specs import build_checkpoint as build, checkpoint_ready
 
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                         torch_dtype="bfloat16")
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
+    if not checkpoint_ready(Path(path), "1b", "bfloat16"):
+        build("1b", Path(path), "bfloat16", "cuda")
     return path
 
 

@@ -7,7 +7,6 @@ function by name into ``model_loader.loader`` and ``model_loader/__init__`` (``i
 """
 from __future__ import annotations
 
-
 from ._base import Patch, require_parameters, wrap
 
 _BINDINGS = (

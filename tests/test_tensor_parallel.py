@@ -138,24 +138,16 @@ def test_gpu_parallel_runner_on_the_cpu_engine(checkpoints, tmp_path):
     """The two-GPU test's own engine runner (tests/gpu/test_gpu_parallel.py), on the CPU engine in float32:
     TP=2 through ``LLM`` and through ``AsyncLLMEngine`` (the path its PP=2 runs take) gives HF's greedy
     tokens, so a failure on the GPU host points at the GPU, not at the runner."""
-    import json
-
-    from tests.gpu.test_gpu_parallel import _RUNNER
+    from tests.gpu.test_gpu_parallel import _run
 
     path = checkpoints("llama")
     prompts = [list(p) for p in PROMPTS[:2]]
     expected = hf_greedy(path, prompts, 6)
     for use_async in (False, True):
-        out = tmp_path / f"tp2-async{use_async}.json"
-        spec = dict(path=str(path), out=str(out), tp=2, pp=1, enforce_eager=True, prompts=prompts, max_tokens=6,
-                    engine={"device": "cpu", "dtype": "float32", "max_model_len": 256}, **{"async": use_async})
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(spec)], capture_output=True, text=True,
-                                timeout=600, env=env, cwd=str(REPO))
-        assert result.returncode == 0, result.stderr[-3000:]
-        data = json.loads(out.read_text())
-        assert [tokens for tokens, _ in data["outputs"]] == expected, f"async={use_async}"
-        assert all(len(steps) == 6 for _, steps in data["outputs"])  # top-5 logprobs recorded per token
+        outputs, _ = _run(path, tmp_path / f"tp2-async{use_async}.json", tp=2, pp=1, prompts=prompts, max_tokens=6,
+                          engine={"device": "cpu", "dtype": "float32", "max_model_len": 256}, **{"async": use_async})
+        assert [tokens for tokens, _ in outputs] == expected, f"async={use_async}"
+        assert all(len(steps) == 6 for _, steps in outputs)  # top-5 logprobs recorded per token
 
 
 # --- plans and styles, without an engine -----------------------------------------------------------------

@@ -47,8 +47,13 @@ QKV_NAMES: Tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
 MERGED_NAMES: Tuple[Tuple[str, ...], ...] = (("gate_proj", "up_proj"), ("w1", "w3"))
 
 
+def switched_on(env: str) -> bool:
+    """An on/off environment switch, on unless set to 0/false/no/off."""
+    return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def fusion_enabled() -> bool:
-    return os.environ.get(FUSE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on(FUSE_ENV)
 
 
 class _FusedGroup:

@@ -180,22 +180,22 @@ def make_linear(
     return layer
 
 
-class HFRMSNorm(RMSNorm):
-    """vLLM's RMSNorm (``w * x / rms(x)``) as a drop-in for an HF norm called as ``norm(x)``; ``norm(x, residual)``
-    is vLLM's fused add-and-norm (see ``residual.py``)."""
+class _HFNormCall:
+    """How HF calls a norm, ``norm(x)``, on a vLLM norm; ``norm(x, residual)`` is vLLM's fused add-and-norm
+    (see ``residual.py``)."""
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Any:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Any:
         # vLLM's kernels index the input by data pointer: they need it contiguous.
         x = x if x.is_contiguous() else x.contiguous()
         return self._forward_method(x) if residual is None else self._forward_method(x, residual)
 
 
-class HFGemmaRMSNorm(GemmaRMSNorm):
-    """vLLM's GemmaRMSNorm (``(1 + w) * x / rms(x)``) as a drop-in for an HF norm."""
+class HFRMSNorm(_HFNormCall, RMSNorm):
+    """vLLM's RMSNorm (``w * x / rms(x)``) as a drop-in for an HF norm."""
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Any:  # type: ignore[override]
-        x = x if x.is_contiguous() else x.contiguous()
-        return self._forward_method(x) if residual is None else self._forward_method(x, residual)
+
+class HFGemmaRMSNorm(_HFNormCall, GemmaRMSNorm):
+    """vLLM's GemmaRMSNorm (``(1 + w) * x / rms(x)``) as a drop-in for an HF norm."""
 
 
 _NORM_FORMS: Dict[type, Optional[str]] = {}

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 import types
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
@@ -38,7 +37,7 @@ from torch import nn
 
 from . import devices
 from ._logging import get_logger
-from .fusion import fusion_enabled
+from .fusion import fusion_enabled, switched_on
 from .layers import HFGemmaRMSNorm, HFRMSNorm, rms_normalize
 from .pipeline import PPMissingLayer
 
@@ -53,8 +52,7 @@ class ResidualFusionError(RuntimeError):
 
 
 def residual_fusion_enabled() -> bool:
-    value = os.environ.get(RESIDUAL_ENV, "1").strip().lower()
-    return fusion_enabled() and value not in ("0", "false", "no", "off")
+    return fusion_enabled() and switched_on(RESIDUAL_ENV)
 
 
 class _Carry:

@@ -94,9 +94,12 @@ def _build(name: str, path: Path) -> Path:
     return path
 
 
-def _run(path: Path, out: Path, tp: int, pp: int, enforce_eager: bool = True) -> Tuple[List[Any], Dict[str, Any]]:
-    spec = dict(path=str(path), out=str(out), tp=tp, pp=pp, enforce_eager=enforce_eager, prompts=PROMPTS,
-                max_tokens=MAX_TOKENS)
+def _run(path: Path, out: Path, tp: int, pp: int, enforce_eager: bool = True,
+         **spec_overrides: Any) -> Tuple[List[Any], Dict[str, Any]]:
+    """One engine in a fresh process; ``spec_overrides`` (prompts, max_tokens, engine, async) let the CPU
+    tests run this same runner."""
+    spec = {"path": str(path), "out": str(out), "tp": tp, "pp": pp, "enforce_eager": enforce_eager,
+            "prompts": PROMPTS, "max_tokens": MAX_TOKENS, **spec_overrides}
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(spec)], capture_output=True, text=True,
                             timeout=900, env=env, cwd=str(REPO))

@@ -9,3 +9,5 @@ cp vllm_transformers_backend.pth "$(python3 -c 'import site; print(site.getsitep
 if [ -d /tmp/smolparts ] && [ ! -d /tmp/smol-bf16 ]; then cat /tmp/smolparts/smol.tar.* | tar xf - -C /tmp; fi
 [ -d /tmp/smol-bf16 ] && export VTB_SMOLLM2=/tmp/smol-bf16
 export VLLM_TRANSFORMERS_BACKEND_STRICT=1
+# Ray (for the Ray-executor test), where a Ray site was unpacked to /tmp/raysite; last on the path.
+if [ -d /tmp/raysite ]; then export PYTHONPATH=$PYTHONPATH:/tmp/raysite; fi

@@ -115,6 +115,10 @@ step_end
 
 # --- 4. vLLM, transformers and this project (editable, with test extras) -----------------------
 step_start "vLLM + transformers==$tf_version + this project"
+# Every later install holds torch where vLLM 0.6.2 pins it: without the pin a fresh set-up on 2026-12-03
+# ended with torch 2.14.1 (pip upgraded it while resolving the newest dependency releases), which vLLM's
+# CPU wheel and torchvision 0.19 cannot use.
+held=(torch==2.4.0 torchvision==0.19.0 'numpy<2')
 have_vllm=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm"))' 2>/dev/null || true)
 have_tf=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("transformers"))' 2>/dev/null || true)
 if [ "$have_vllm" != "0.6.2+cpu" ] || [ "$have_tf" != "$tf_version" ]; then
@@ -122,10 +126,12 @@ if [ "$have_vllm" != "0.6.2+cpu" ] || [ "$have_tf" != "$tf_version" ]; then
   # torch 2.4.
   # torch 2.4 is built against NumPy 1.x; the newest pyarrow (pulled through outlines -> datasets) needs
   # NumPy 2 and breaks the OpenAI server's first request, so both are held back to NumPy-1 releases.
-  pip install -q "$wheel" "transformers==$tf_version" 'numpy<2' 'pyarrow<18' 'datasets<3' 2>&1 \
+  pip install -q "$wheel" "${held[@]}" "transformers==$tf_version" 'pyarrow<18' 'datasets<3' 2>&1 \
     | grep -v "^WARNING: Location" || true
 fi
-pip install -q -e "$repo[test]" "transformers==$tf_version" 'numpy<2' 'pyarrow<18' 'datasets<3' 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q -e "$repo[test]" "${held[@]}" "transformers==$tf_version" 'pyarrow<18' 'datasets<3' 2>&1 \
+  | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -c 'import torch; assert torch.__version__.startswith("2.4.0"), f"torch {torch.__version__}: something upgraded the torch vLLM 0.6.2 pins"'
 # outlines 0.0.46 (vLLM's guided decoding, imported on every OpenAI-server request) imports
 # `pyairports.airports`, but PyPI's only pyairports (0.0.1) ships no such module (and installs a top-level
 # `tests` package). Give outlines the one name it reads, inside the venv.

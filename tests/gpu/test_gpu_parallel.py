@@ -6,7 +6,8 @@ ranks), tied embeddings and q/k/v biases.
 Each engine runs in its own Python process: a TP=2 engine makes this process its rank-0 worker (NCCL
 communicator, CUDA context), and vLLM 0.6.2 runs pipeline parallelism only through ``AsyncLLMEngine``
 (``LLM`` refuses it), so a fresh process per configuration keeps the runs independent. Each run also
-prints its output tokens/s (one small batch: indicative, not a benchmark).
+prints its output tokens/s (one small batch: indicative, not a benchmark). One TP=2 run goes through vLLM's Ray
+executor instead of multiprocessing (its workers are Ray actors, patched by the same start-up hook / plugin).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ _RUNNER = textwrap.dedent('''
                 tensor_parallel_size=spec["tp"], pipeline_parallel_size=spec["pp"])
     args.update(spec.get("engine", {}))  # overrides (the runner's own check on the CPU engine: float32, device)
 
-    def dump(outs, seconds, model_class):
-        result = {"model_class": model_class, "seconds": seconds, "outputs": [
+    def dump(outs, seconds, model_class, executor):
+        result = {"model_class": model_class, "executor": executor, "seconds": seconds, "outputs": [
             [list(o.outputs[0].token_ids),
              [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]] for o in outs]}
         with open(spec["out"], "w") as f:
@@ -51,7 +52,7 @@ _RUNNER = textwrap.dedent('''
         model_class = type(llm.llm_engine.model_executor.driver_worker.model_runner.model).__name__
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        dump(outs, time.perf_counter() - start, model_class)
+        dump(outs, time.perf_counter() - start, model_class, type(llm.llm_engine.model_executor).__name__)
     else:  # vLLM 0.6.2 runs pipeline parallelism only through the async engine
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.engine.async_llm_engine import AsyncLLMEngine
@@ -67,7 +68,8 @@ _RUNNER = textwrap.dedent('''
 
             start = time.perf_counter()
             outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-            dump(outs, time.perf_counter() - start, "TransformersForCausalLM (pipeline ranks)")
+            dump(outs, time.perf_counter() - start, "TransformersForCausalLM (pipeline ranks)",
+                 type(engine.engine.model_executor).__name__)
             engine.shutdown_background_loop()
 
         asyncio.run(main())
@@ -111,20 +113,23 @@ def _run(path: Path, out: Path, tp: int, pp: int, enforce_eager: bool = True,
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``runs(name, tp, pp, enforce_eager)`` -> (outputs, raw result); each configuration runs once per module."""
+    """``runs(name, tp, pp, enforce_eager, executor)`` -> (outputs, raw result); each configuration runs once per
+    module."""
     root = tmp_path_factory.mktemp("gpu-parallel")
     cache: Dict[tuple, tuple] = {}
     paths: Dict[str, Path] = {}
 
-    def get(name: str, tp: int, pp: int, enforce_eager: bool = True):
+    def get(name: str, tp: int, pp: int, enforce_eager: bool = True, executor: str = "mp"):
         if name not in paths:
             paths[name] = _build(name, root / name)
-        key = (name, tp, pp, enforce_eager)
+        key = (name, tp, pp, enforce_eager, executor)
         if key not in cache:
-            out = root / f"{name}-tp{tp}-pp{pp}-{'eager' if enforce_eager else 'graphs'}.json"
-            cache[key] = _run(paths[name], out, tp, pp, enforce_eager)
+            out = root / f"{name}-tp{tp}-pp{pp}-{'eager' if enforce_eager else 'graphs'}-{executor}.json"
+            engine = {"distributed_executor_backend": executor} if tp * pp > 1 else {}
+            cache[key] = _run(paths[name], out, tp, pp, enforce_eager, engine=engine)
             tokens = sum(len(t) for t, _ in cache[key][0])
-            print(f"{name} TP={tp} PP={pp} enforce_eager={enforce_eager}: {tokens / cache[key][1]['seconds']:.0f} "
+            print(f"{name} TP={tp} PP={pp} enforce_eager={enforce_eager} {cache[key][1]['executor']}: "
+                  f"{tokens / cache[key][1]['seconds']:.0f} "
                   f"output tokens/s ({len(PROMPTS)} prompts x {MAX_TOKENS} tokens)")
         return cache[key]
 
@@ -146,3 +151,13 @@ def test_parallel_logprobs_close_to_tp1(runs, name, tp, pp, enforce_eager):
     same = check_logprobs_close(reference, parallel, "TP=1", f"TP={tp} PP={pp}")
     print(f"{name} TP={tp} PP={pp} enforce_eager={enforce_eager}: {same}/{len(PROMPTS)} prompts token-identical "
           f"to TP=1 over {MAX_TOKENS} tokens")
+
+
+def test_tp2_on_the_ray_executor_close_to_tp1(runs):
+    """vLLM's Ray executor (rank 1 is a Ray actor): same backend, same agreement with TP=1."""
+    pytest.importorskip("ray", reason="Ray is not installed here (vLLM's Ray executor needs it)")
+    reference, _ = runs("llama", 1, 1)
+    parallel, raw = runs("llama", 2, 1, True, "ray")
+    assert raw["executor"] == "RayGPUExecutor", raw["executor"]
+    same = check_logprobs_close(reference, parallel, "TP=1", "TP=2 on Ray")
+    print(f"llama TP=2 on Ray: {same}/{len(PROMPTS)} prompts token-identical to TP=1 over {MAX_TOKENS} tokens")

@@ -24,6 +24,11 @@ t_all=$SECONDS
 step_start() { t_step=$SECONDS; echo "==> $1"; }
 step_end() { echo "    done in $((SECONDS - t_step)) s"; }
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check "$@"; }
+# vLLM 0.6.2's torch, held in every install: without the pin a fresh set-up on 2026-12-03 ended with torch
+# 2.14.1 (pip upgraded it while resolving the newest dependency releases), which vLLM's CPU wheel and
+# torchvision 0.19 cannot use. torch 2.4 is built against NumPy 1.x.
+held=(torch==2.4.0 torchvision==0.19.0 'numpy<2')
+torch_is_held() { "$venv/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.4.0")' 2>/dev/null; }
 
 # --- 1. System packages ------------------------------------------------------------------------
 # The CPU extension links libnuma and oneDNN (dnnl).
@@ -42,12 +47,12 @@ step_end
 # --- 2. venv with torch 2.4.0 (the version vLLM 0.6.2 pins) -----------------------------------
 step_start "venv at $venv with torch 2.4.0"
 if [ ! -x "$venv/bin/python" ]; then "$py" -m venv "$venv"; fi
-if ! "$venv/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.4.0")' 2>/dev/null; then
+if ! torch_is_held; then
   # PyPI's torch 2.4.0 is the CUDA build; it runs on the CPU. The venv's cmake (>= 3.26) is needed
   # because Debian 12 ships 3.25 and vLLM asks for 3.26.
-  pip install -q torch==2.4.0 torchvision==0.19.0 'numpy<2' setuptools-scm 'setuptools>=74,<80' \
+  pip install -q "${held[@]}" setuptools-scm 'setuptools>=74,<80' \
     wheel cmake ninja packaging 2>&1 | grep -v "^WARNING: Location" || true
-  "$venv/bin/python" -c 'import torch; assert torch.__version__.startswith("2.4.0"), torch.__version__'
+  torch_is_held || { echo "torch 2.4.0 did not install" >&2; exit 1; }
 fi
 step_end
 
@@ -115,23 +120,19 @@ step_end
 
 # --- 4. vLLM, transformers and this project (editable, with test extras) -----------------------
 step_start "vLLM + transformers==$tf_version + this project"
-# Every later install holds torch where vLLM 0.6.2 pins it: without the pin a fresh set-up on 2026-12-03
-# ended with torch 2.14.1 (pip upgraded it while resolving the newest dependency releases), which vLLM's
-# CPU wheel and torchvision 0.19 cannot use.
-held=(torch==2.4.0 torchvision==0.19.0 'numpy<2')
 have_vllm=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm"))' 2>/dev/null || true)
 have_tf=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("transformers"))' 2>/dev/null || true)
 if [ "$have_vllm" != "0.6.2+cpu" ] || [ "$have_tf" != "$tf_version" ]; then
   # Pinning transformers in the same command keeps pip from pulling the newest 5.x, which refuses
   # torch 2.4.
-  # torch 2.4 is built against NumPy 1.x; the newest pyarrow (pulled through outlines -> datasets) needs
-  # NumPy 2 and breaks the OpenAI server's first request, so both are held back to NumPy-1 releases.
+  # The newest pyarrow (pulled through outlines -> datasets) needs NumPy 2 and breaks the OpenAI server's
+  # first request, so it is held back to NumPy-1 releases with NumPy itself (in held).
   pip install -q "$wheel" "${held[@]}" "transformers==$tf_version" 'pyarrow<18' 'datasets<3' 2>&1 \
     | grep -v "^WARNING: Location" || true
 fi
 pip install -q -e "$repo[test]" "${held[@]}" "transformers==$tf_version" 'pyarrow<18' 'datasets<3' 2>&1 \
   | grep -v "^WARNING: Location" || true
-"$venv/bin/python" -c 'import torch; assert torch.__version__.startswith("2.4.0"), f"torch {torch.__version__}: something upgraded the torch vLLM 0.6.2 pins"'
+torch_is_held || { echo "an install moved torch off 2.4.0, the version vLLM 0.6.2 pins" >&2; exit 1; }
 # outlines 0.0.46 (vLLM's guided decoding, imported on every OpenAI-server request) imports
 # `pyairports.airports`, but PyPI's only pyairports (0.0.1) ships no such module (and installs a top-level
 # `tests` package). Give outlines the one name it reads, inside the venv.

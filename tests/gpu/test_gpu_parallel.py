@@ -136,28 +136,27 @@ def runs(tmp_path_factory):
     return get
 
 
-#: (model, TP, PP, enforce_eager); the reference is the same model at TP=1, PP=1, eager.
-CASES = [("llama", 2, 1, True), ("llama", 1, 2, True), ("qwen2", 2, 1, True), ("qwen2", 1, 2, True),
+#: (model, TP, PP, enforce_eager, executor); the reference is the same model at TP=1, PP=1, eager.
+CASES = [("llama", 2, 1, True, "mp"), ("llama", 1, 2, True, "mp"), ("qwen2", 2, 1, True, "mp"),
+         ("qwen2", 1, 2, True, "mp"),
          # CUDA graphs capture the pipeline hand-over (hooks, intermediate-tensor buffers) once per batch size
-         ("llama", 2, 1, False), ("llama", 1, 2, False)]
+         ("llama", 2, 1, False, "mp"), ("llama", 1, 2, False, "mp"),
+         # rank 1 as a Ray actor
+         ("llama", 2, 1, True, "ray")]
 
 
-@pytest.mark.parametrize("name, tp, pp, enforce_eager", CASES,
-                         ids=[f"{n}-tp{t}-pp{p}-{'eager' if e else 'cuda-graphs'}" for n, t, p, e in CASES])
-def test_parallel_logprobs_close_to_tp1(runs, name, tp, pp, enforce_eager):
+@pytest.mark.parametrize("name, tp, pp, enforce_eager, executor", CASES,
+                         ids=[f"{n}-tp{t}-pp{p}-{'eager' if e else 'cuda-graphs'}{'-ray' if x == 'ray' else ''}"
+                              for n, t, p, e, x in CASES])
+def test_parallel_logprobs_close_to_tp1(runs, name, tp, pp, enforce_eager, executor):
+    if executor == "ray":
+        pytest.importorskip("ray", reason="Ray is not installed here (vLLM's Ray executor needs it)")
     reference, raw_reference = runs(name, 1, 1)
-    parallel, _ = runs(name, tp, pp, enforce_eager)
+    parallel, raw = runs(name, tp, pp, enforce_eager, executor)
     assert raw_reference["model_class"] == "TransformersForCausalLM"
-    same = check_logprobs_close(reference, parallel, "TP=1", f"TP={tp} PP={pp}")
-    print(f"{name} TP={tp} PP={pp} enforce_eager={enforce_eager}: {same}/{len(PROMPTS)} prompts token-identical "
-          f"to TP=1 over {MAX_TOKENS} tokens")
+    if executor == "ray":
+        assert raw["executor"] == "RayGPUExecutor", raw["executor"]
+    same = check_logprobs_close(reference, parallel, "TP=1", f"TP={tp} PP={pp} {executor}")
+    print(f"{name} TP={tp} PP={pp} enforce_eager={enforce_eager} {executor}: {same}/{len(PROMPTS)} prompts "
+          f"token-identical to TP=1 over {MAX_TOKENS} tokens")
 
-
-def test_tp2_on_the_ray_executor_close_to_tp1(runs):
-    """vLLM's Ray executor (rank 1 is a Ray actor): same backend, same agreement with TP=1."""
-    pytest.importorskip("ray", reason="Ray is not installed here (vLLM's Ray executor needs it)")
-    reference, _ = runs("llama", 1, 1)
-    parallel, raw = runs("llama", 2, 1, True, "ray")
-    assert raw["executor"] == "RayGPUExecutor", raw["executor"]
-    same = check_logprobs_close(reference, parallel, "TP=1", "TP=2 on Ray")
-    print(f"llama TP=2 on Ray: {same}/{len(PROMPTS)} prompts token-identical to TP=1 over {MAX_TOKENS} tokens")

@@ -122,16 +122,15 @@ step_end
 step_start "vLLM + transformers==$tf_version + this project"
 have_vllm=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm"))' 2>/dev/null || true)
 have_tf=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("transformers"))' 2>/dev/null || true)
+# Every install of this step carries the same pins. transformers pinned in the same command keeps pip from
+# pulling the newest 5.x, which refuses torch 2.4. The newest pyarrow (pulled through outlines -> datasets)
+# needs NumPy 2 and breaks the OpenAI server's first request, so it is held back to NumPy-1 releases with
+# NumPy itself (in held).
+pins=("${held[@]}" "transformers==$tf_version" 'pyarrow<18' 'datasets<3')
 if [ "$have_vllm" != "0.6.2+cpu" ] || [ "$have_tf" != "$tf_version" ]; then
-  # Pinning transformers in the same command keeps pip from pulling the newest 5.x, which refuses
-  # torch 2.4.
-  # The newest pyarrow (pulled through outlines -> datasets) needs NumPy 2 and breaks the OpenAI server's
-  # first request, so it is held back to NumPy-1 releases with NumPy itself (in held).
-  pip install -q "$wheel" "${held[@]}" "transformers==$tf_version" 'pyarrow<18' 'datasets<3' 2>&1 \
-    | grep -v "^WARNING: Location" || true
+  pip install -q "$wheel" "${pins[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 fi
-pip install -q -e "$repo[test]" "${held[@]}" "transformers==$tf_version" 'pyarrow<18' 'datasets<3' 2>&1 \
-  | grep -v "^WARNING: Location" || true
+pip install -q -e "$repo[test]" "${pins[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 torch_is_held || { echo "an install moved torch off 2.4.0, the version vLLM 0.6.2 pins" >&2; exit 1; }
 # outlines 0.0.46 (vLLM's guided decoding, imported on every OpenAI-server request) imports
 # `pyairports.airports`, but PyPI's only pyairports (0.0.1) ships no such module (and installs a top-level

@@ -65,9 +65,9 @@ ARCHITECTURES: Dict[str, tuple] = {
 
 #: The first transformers release that has the architecture at all.
 INTRODUCED_IN = {"gemma3": "4.50.0", "qwen3": "4.51.0"}
-#: The first release whose implementation sends attention through ALL_ATTENTION_FUNCTIONS; before it
-#: the backend must refuse the model with a clear error.
-INTERFACE_SINCE = {"gpt_neox": "4.49.0"}
+#: The first release whose implementation sends attention through ALL_ATTENTION_FUNCTIONS (read from the
+#: releases' modeling files); before it the backend must refuse the model with a clear error.
+INTERFACE_SINCE = {"gpt_neox": "4.49.0", "bert": "5.0.0", "roberta": "5.0.0", "esm": "4.56.0"}
 
 
 def transformers_version():

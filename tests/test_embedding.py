@@ -11,7 +11,6 @@ from typing import List, Sequence
 
 import pytest
 import torch
-from packaging.version import Version
 
 from tests import helpers
 
@@ -23,9 +22,6 @@ PROMPTS: List[List[int]] = [
     [0, 8, 8, 9, 10, 2],
     [0, 12, 13, 14, 15, 16, 17, 18, 19, 20, 2],
 ]
-#: The first transformers release whose modeling code sends the architecture's attention through
-#: ALL_ATTENTION_FUNCTIONS (read from the releases' modeling files).
-INTERFACE_SINCE = {"bert": "5.0.0", "roberta": "5.0.0", "esm": "4.56.0"}
 
 
 def _encoder_checkpoint(name: str, path: Path) -> Path:
@@ -73,16 +69,12 @@ def vllm_embed(llm, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
     return torch.tensor([o.outputs.embedding for o in outputs])
 
 
-def _interface_ok(name: str) -> bool:
-    return helpers.transformers_version() >= Version(INTERFACE_SINCE[name])
-
-
 @pytest.mark.parametrize("name", ["bert", "roberta", "esm"])
 def test_encoder_embeddings_equal_hf(tmp_path, name):
     path = _encoder_checkpoint(name, tmp_path / name)
     kwargs = dict(runner="pooling", max_model_len=128)
-    if not _interface_ok(name):
-        since = INTERFACE_SINCE[name]
+    if not helpers.interface_supported(name):
+        since = helpers.INTERFACE_SINCE[name]
         with pytest.raises(ValueError, match=rf"attention interface.*transformers>={since}"):
             with helpers.Engine(path, **kwargs):
                 pass
@@ -97,7 +89,7 @@ def test_encoder_embeddings_equal_hf(tmp_path, name):
 
 def test_mean_pooling_override_and_task_embed(tmp_path):
     """``task="embed"`` means runner="pooling"; ``override_pooler_config`` replaces the default pooling."""
-    name = "esm" if _interface_ok("esm") else None
+    name = "esm" if helpers.interface_supported("esm") else None
     if name is None:
         pytest.skip(f"transformers {helpers.transformers_version()}: no encoder goes through the attention "
                     "interface (ESM from 4.56); the decoder test below covers pooling on this version")
@@ -125,7 +117,7 @@ def test_decoder_embeddings_equal_hf(tmp_path):
 
 def test_encoder_refused_for_generation(tmp_path):
     """A BERT masked-LM checkpoint (runner auto: generate) gets an error naming runner='pooling'."""
-    if not _interface_ok("bert"):
+    if not helpers.interface_supported("bert"):
         pytest.skip(f"transformers {helpers.transformers_version()} refuses BERT earlier (no attention interface; "
                     "test_encoder_embeddings_equal_hf checks that error)")
     path = _encoder_checkpoint("bert", tmp_path / "bert")
@@ -140,7 +132,7 @@ def test_minilm_matches_sentence_transformers():
     path = helpers.bundled_model("all-MiniLM-L6-v2")
     if path is None:
         pytest.fail("the bundled all-MiniLM-L6-v2 is missing: run scripts/setup_cpu_env.sh")
-    if not _interface_ok("bert"):
+    if not helpers.interface_supported("bert"):
         with pytest.raises(ValueError, match=r"transformers>=5\.0\.0"):
             with helpers.Engine(path, runner="pooling", skip_tokenizer_init=False):
                 pass
@@ -262,7 +254,7 @@ def test_encoder_without_causal_class_names_the_pooling_runner(tmp_path):
     """ESM has no causal-LM class: asking it to generate names runner='pooling'."""
     path = _encoder_checkpoint("esm", tmp_path / "esm")
     # before 4.56 the version error comes first (test_encoder_embeddings_equal_hf checks it too)
-    expected = "no AutoModelForCausalLM class.*runner='pooling'" if _interface_ok("esm") else r"transformers>=4\.56\.0"
+    expected = "no AutoModelForCausalLM class.*runner='pooling'" if helpers.interface_supported("esm") else r"transformers>=4\.56\.0"
     with pytest.raises(ValueError, match=expected):
         with helpers.Engine(path, max_model_len=128):
             pass

@@ -6,7 +6,6 @@ import gc
 
 import pytest
 import torch
-from packaging.version import Version
 
 from tests import helpers
 from tests.test_embedding import _encoder_checkpoint, _prompts_for, hf_pooled, vllm_embed
@@ -42,7 +41,7 @@ def test_gpu_decoder_embeddings(tmp_path):
 
 
 def test_gpu_encoder_embeddings(tmp_path):
-    if helpers.transformers_version() < Version("4.56.0"):
+    if not helpers.interface_supported("esm"):
         pytest.skip("ESM goes through the attention interface from transformers 4.56")
     path = _encoder_checkpoint("esm", tmp_path / "esm")
     prompts = _prompts_for("esm")

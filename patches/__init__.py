@@ -17,8 +17,10 @@ from .cli import CliPatch
 from .cpu_embedding import CpuEmbeddingPatch
 from .cpu_group_coordinator import CpuGroupCoordinatorPatch
 from .cpu_model_input import CpuModelInputPatch
+from .embedding_runner import EmbeddingRunnerPatch
 from .engine_args import EngineArgsPatch
 from .hf_config import HFConfigPatch
+from .launcher import LauncherPatch
 from .llm import LLMPatch
 from .model_architecture import ModelArchitecturePatch
 from .model_config import ModelConfigPatch
@@ -38,7 +40,9 @@ PATCHES: List[Patch] = [
     ModelLoaderPatch(),
     TokenizerPatch(),
     LLMPatch(),
+    LauncherPatch(),
     CpuEmbeddingPatch(),
+    EmbeddingRunnerPatch(),
     PipelineParallelPatch(),
     CpuGroupCoordinatorPatch(),
     CpuModelInputPatch(),

@@ -41,13 +41,16 @@ class CliPatch(Patch):
                 if "--runner" not in known:
                     parser.add_argument(
                         "--runner", type=str.lower, choices=list(RUNNERS), default=DEFAULTS["runner"],
-                        help="'generate' for text generation, 'pooling' for embeddings (/v1/embeddings); "
-                        "'auto' decides from the architecture name (...Model pools, ...ForCausalLM generates).",
+                        help="'generate' for text generation, 'pooling' for embeddings and classifiers (/v1/embeddings, "
+                        "/classify, /score, /rerank); 'auto' decides from the architecture name (...Model and "
+                        "...ForSequenceClassification pool, ...ForCausalLM generates).",
                     )
                 if "--task" not in known:
                     parser.add_argument(
                         "--task", type=str.lower, choices=list(TASKS), default=DEFAULTS["task"],
-                        help="Older spelling of --runner: 'embed' means --runner pooling.",
+                        help="What the model computes: 'generate', or with --runner pooling 'embed' (/v1/embeddings), "
+                        "'classify' (/classify), 'score' (/score, /rerank) or 'reward' (a ...ForSequenceClassification "
+                        "head); any of these implies --runner pooling.",
                     )
                 if "--override-pooler-config" not in known:
                     parser.add_argument(

@@ -5,7 +5,8 @@ prompt preparation reads block tables that embedding mode does not allocate: ``r
 CPU engine dies in ``cpu_model_runner.py:241`` (``block_tables[seq_id]`` of None). In embedding mode the
 patched worker builds :func:`cpu_embedding_runner_class` instead (prompts only, no KV cache, the model's
 ``pooler`` on the driver, like the GPU ``EmbeddingModelRunner``), and reports no KV cache, which
-``LLMEngine`` never allocates in embedding mode.
+``LLMEngine`` never allocates in embedding mode. For models that take token types (cross-encoders) the
+runner carries each request's types into the step's input ids, as the embedding_runner patch does on GPUs.
 
 Known from vLLM 0.6.2+cpu; does nothing on other builds (the GPU worker has its own embedding runner).
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any, Dict, List, Optional, Tuple
+
+from vllm_transformers_backend import token_types
 
 from ._base import require_parameters, wrap
 from ._cpu import CpuBuildPatch
@@ -80,6 +83,10 @@ def cpu_embedding_runner_class() -> type:
                 seq_groups.append((list(metadata.seq_data.keys()), metadata.pooling_params))
                 seq_data.update(metadata.seq_data)
             pooling = PoolingMetadata(seq_groups=seq_groups, seq_data=seq_data, prompt_lens=model_input.seq_lens)
+            if getattr(self.model, "accepts_token_types", False):
+                # cross-encoder segment ids ride in the ids' high bits (see vllm_transformers_backend.token_types)
+                token_types.encode_into_input_ids(model_input.input_tokens, model_input.seq_lens,
+                                                  [params for _, params in seq_groups])
             return dataclasses.replace(model_input, pooling_metadata=pooling, virtual_engine=virtual_engine)
 
         @torch.no_grad()

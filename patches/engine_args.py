@@ -1,6 +1,6 @@
 """Patch of ``vllm.engine.arg_utils.EngineArgs`` / ``AsyncEngineArgs`` (vLLM 0.6.2): the backend's options.
 
-vLLM 0.6.2 has no ``model_impl``, ``runner``/``task`` or ``override_pooler_config``; ``LLM(model_impl=...)``
+vLLM 0.6.2 has no ``model_impl``, ``runner``/``task`` (embed, classify, score, reward) or ``override_pooler_config``; ``LLM(model_impl=...)``
 raises ``TypeError`` in ``EngineArgs``. This patch makes them fields of both dataclasses
 (``from_cli_args`` builds the object from ``dataclasses.fields``), validates them, and hands them to
 ``ModelConfig`` in ``create_model_config``. ``LLM.__init__`` forwards unknown keywords to ``EngineArgs``,
@@ -26,6 +26,7 @@ def validated_options(model_impl: Any = None, runner: Any = None, task: Any = No
     return {
         "model_impl": validate_model_impl(model_impl),
         "runner": validate_runner(runner, task),
+        "task": None if task is None else str(task).lower(),
         "override_pooler_config": validate_pooler_override(override_pooler_config),
     }
 

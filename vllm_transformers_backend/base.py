@@ -136,6 +136,8 @@ class Base(nn.Module):
         self._checkpoint_prefix, self.model = self._base_model_of(hf_model)
         self._check_attention_backend_support(hf_model)
         self.is_encoder = self._detect_encoder()
+        if self.is_encoder:
+            self._check_position_range()
         self._setup_pipeline(hf_model)
         self._tp_plan_map = collect_tp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
         self._replace_modules()
@@ -399,6 +401,22 @@ class Base(nn.Module):
     def _post_init(self, hf_model: nn.Module) -> None:
         """Hook for subclasses (heads) before parameters are allocated."""
 
+    def _check_position_range(self) -> None:
+        """RoBERTa-style absolute positions start after the padding index: fewer usable positions than
+        ``max_position_embeddings``, which vLLM takes as the maximum length."""
+        embeddings = getattr(self.model, "embeddings", None)
+        table = getattr(embeddings, "position_embeddings", None)
+        padding_idx = getattr(embeddings, "padding_idx", None)
+        if not isinstance(table, nn.Embedding) or not isinstance(padding_idx, int):
+            return
+        usable = table.num_embeddings - padding_idx - 1
+        max_len = self.bundle.model_config.max_model_len
+        if max_len > usable:
+            raise BackendError(
+                f"{type(self.model).__name__} numbers positions from padding_idx + 1 = {padding_idx + 1}, so it has "
+                f"{usable} usable positions, but max_model_len is {max_len}. Pass max_model_len={usable}."
+            )
+
     def _materialize_parameters(self) -> None:
         for module in self.modules():
             for name, param in list(module._parameters.items()):
@@ -452,28 +470,41 @@ class Base(nn.Module):
         offset past the padding index, ESM's rotary), attention never crosses sequences, and nothing
         depends on the batch's padding (transformers 4.x ESM scales masked-token embeddings by the
         padded length)."""
-        seq_lens = getattr(attn_metadata, "seq_lens", None)
-        if not seq_lens or getattr(attn_metadata, "num_decode_tokens", 0):
-            raise BackendError("an encoder-only model runs whole prompts only (vLLM's embedding runner); this step "
-                               "has no prompt lengths or has decode tokens.")
-        starts: Dict[int, List[int]] = {}
-        offset = 0
-        for length in seq_lens:
-            starts.setdefault(length, []).append(offset)
-            offset += length
         out: Optional[torch.Tensor] = None
-        for length, group in starts.items():
-            index = (torch.tensor(group)[:, None] + torch.arange(length)[None, :]).to(input_ids.device)
-            ctx = AttentionContext(self.attention_instances, [], attn_metadata, record_calls=not self._dispatch_verified)
-            with attention_context(ctx):
-                hidden = self.model(input_ids=input_ids[index], return_dict=False)[0]
-            if ctx.called is not None:
-                self._verify_dispatch(ctx.called)
+        for index, _ in self._equal_length_batches(input_ids, attn_metadata):
+            hidden = self._run_encoder(input_ids=input_ids[index])[0]
             if out is None:
                 out = hidden.new_empty((input_ids.shape[0], hidden.shape[-1]))
             out[index.reshape(-1)] = hidden.reshape(-1, hidden.shape[-1])
         assert out is not None
         return out
+
+    def _equal_length_batches(self, input_ids: torch.Tensor,
+                              attn_metadata: AttentionMetadata) -> List[Tuple[torch.Tensor, List[int]]]:
+        """The step's whole prompts grouped by length: per group, the ``[batch, length]`` positions of its
+        tokens in the flattened step and the prompts' numbers in step order."""
+        seq_lens = getattr(attn_metadata, "seq_lens", None)
+        if not seq_lens or getattr(attn_metadata, "num_decode_tokens", 0):
+            raise BackendError("an encoder-only model runs whole prompts only (vLLM's embedding runner); this step "
+                               "has no prompt lengths or has decode tokens.")
+        groups: Dict[int, Tuple[List[int], List[int]]] = {}
+        offset = 0
+        for number, length in enumerate(seq_lens):
+            starts, numbers = groups.setdefault(length, ([], []))
+            starts.append(offset)
+            numbers.append(number)
+            offset += length
+        return [((torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).to(input_ids.device), numbers)
+                for length, (starts, numbers) in groups.items()]
+
+    def _run_encoder(self, **inputs: torch.Tensor) -> Any:
+        """One forward of the HF encoder body on a padding-free batch; returns HF's output object."""
+        ctx = AttentionContext(self.attention_instances, [], None, record_calls=not self._dispatch_verified)
+        with attention_context(ctx):
+            outputs = self.model(**inputs, return_dict=True)
+        if ctx.called is not None:
+            self._verify_dispatch(ctx.called)
+        return outputs
 
     def _verify_dispatch(self, called: set) -> None:
         expected = set(self.attention_instances)

@@ -1,8 +1,9 @@
 """The engine options the backend adds to vLLM 0.6.2, and their validation.
 
 ``model_impl`` picks the implementation; ``runner`` (or its older spelling ``task``) picks generation
-or pooling the way newer vLLM does; ``override_pooler_config`` overrides the pooling a checkpoint
-declares. vLLM 0.6.2 has none of them: the engine_args, cli and model_config patches carry them from
+or pooling the way newer vLLM does, and ``task`` also picks what a pooling model computes (embeddings,
+or a sequence-classification head's outputs for classify / score / reward); ``override_pooler_config``
+overrides the pooling a checkpoint declares. vLLM 0.6.2 has none of them: the engine_args, cli and model_config patches carry them from
 ``LLM(...)``/``vllm serve`` to the ``ModelConfig`` that every worker receives.
 """
 from __future__ import annotations
@@ -14,14 +15,19 @@ from typing import Any, Dict, Mapping, Optional
 MODEL_IMPLS = ("auto", "vllm", "transformers")
 RUNNERS = ("auto", "generate", "pooling")
 #: ``task`` values of newer vLLM and the runner each means.
-TASKS = {"auto": "auto", "generate": "generate", "embed": "pooling", "embedding": "pooling"}
+TASKS = {"auto": "auto", "generate": "generate", "embed": "pooling", "embedding": "pooling",
+         "classify": "pooling", "score": "pooling", "reward": "pooling"}
+#: Pooling tasks served by a ``...ForSequenceClassification`` head (the rest of the pooling tasks embed).
+HEAD_TASKS = ("classify", "score", "reward")
 POOLING_TYPES = ("CLS", "MEAN", "LAST")
 
 DEFAULTS: Dict[str, Any] = {"model_impl": "auto", "runner": "auto", "task": "auto", "override_pooler_config": None}
 
 #: Architecture name endings newer vLLM treats as generative or as pooling when ``runner="auto"``.
 _GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ChatModel")
-_POOLING_SUFFIXES = ("Model",)  # also covers newer vLLM's "EmbeddingModel"
+_POOLING_SUFFIXES = ("Model", "ForSequenceClassification", "ForTokenClassification")  # "Model": also "EmbeddingModel"
+_SEQUENCE_HEAD_SUFFIX = "ForSequenceClassification"
+_TOKEN_HEAD_SUFFIX = "ForTokenClassification"
 
 
 @dataclass(frozen=True)
@@ -110,3 +116,33 @@ def runner_of(model_config: Any) -> str:
     if runner in ("generate", "pooling"):
         return runner
     return "pooling" if getattr(model_config, "embedding_mode", False) else "generate"
+
+
+def pooling_task(task: object, architectures: list) -> str:
+    """What a pooling engine computes: ``"embed"`` (the body's pooled hidden states) or one of
+    :data:`HEAD_TASKS` (the checkpoint's sequence-classification head). ``task="auto"`` follows the
+    architecture name, as newer vLLM does: ``...ForSequenceClassification`` classifies, the rest embeds.
+    Refuses what the backend cannot serve faithfully: token-classification heads, and head tasks for
+    checkpoints that have no sequence-classification head."""
+    task = "auto" if task is None else str(task).lower()
+    task = "embed" if task == "embedding" else task
+    names = ", ".join(architectures) or "none"
+    if any(a.endswith(_TOKEN_HEAD_SUFFIX) for a in architectures) and task != "embed":
+        raise ValueError(
+            f"{names}: token-classification heads (one output per token) are not supported; the Transformers "
+            "backend runs sequence-classification heads only, like newer vLLM's. Use a ...ForSequenceClassification "
+            "checkpoint, or task='embed' for the body's embeddings without the head.")
+    has_head = any(a.endswith(_SEQUENCE_HEAD_SUFFIX) for a in architectures)
+    if task == "auto":
+        return "classify" if has_head else "embed"
+    if task in HEAD_TASKS and not has_head:
+        raise ValueError(
+            f"task={task!r} needs a sequence-classification head, but this checkpoint's architectures are {names}: "
+            "it has none (classify / score / reward run a ...ForSequenceClassification checkpoint's own head). "
+            "Use task='embed' for embeddings, or a checkpoint saved as ...ForSequenceClassification.")
+    return task
+
+
+def pooling_task_of(model_config: Any) -> Optional[str]:
+    """The pooling task a patched ``ModelConfig`` was resolved to (None for generating engines)."""
+    return getattr(model_config, "pooling_task", None) if runner_of(model_config) == "pooling" else None

@@ -143,7 +143,6 @@ class TransformersForEmbedding(Base):
         # (masked LM, classification) do not carry its weights.
         if isinstance(getattr(self.model, "pooler", None), nn.Module):
             self.model.pooler = None
-        self._check_position_range()
         spec = self._pooling_spec()
         logger.info("Transformers backend embeddings: %s pooling, normalize=%s (%s)", spec.pooling_type,
                     spec.normalize, spec.source)
@@ -160,22 +159,6 @@ class TransformersForEmbedding(Base):
             normalize = normalize if override.normalize is None else override.normalize
             source = "override_pooler_config"
         return PoolingSpec(pooling_type, normalize, source)
-
-    def _check_position_range(self) -> None:
-        """RoBERTa-style absolute positions start after the padding index: fewer usable positions than
-        ``max_position_embeddings``, which vLLM takes as the maximum length."""
-        embeddings = getattr(self.model, "embeddings", None)
-        table = getattr(embeddings, "position_embeddings", None)
-        padding_idx = getattr(embeddings, "padding_idx", None)
-        if not isinstance(table, nn.Embedding) or not isinstance(padding_idx, int):
-            return
-        usable = table.num_embeddings - padding_idx - 1
-        max_len = self.bundle.model_config.max_model_len
-        if max_len > usable:
-            raise BackendError(
-                f"{type(self.model).__name__} numbers positions from padding_idx + 1 = {padding_idx + 1}, so it has "
-                f"{usable} usable positions, but max_model_len is {max_len}. Pass max_model_len={usable}."
-            )
 
     def weights_mapper(self) -> WeightsMapper:
         mapper = super().weights_mapper()

@@ -3,7 +3,8 @@
 ``transformers`` forces the backend, ``vllm`` forces vLLM's own model, ``auto`` takes vLLM's own when
 vLLM 0.6.2 has one of the config's architectures and the backend otherwise. With ``runner="pooling"``
 vLLM's own counts only for its embedding architectures (0.6.2 cannot pool a ``...ForCausalLM``), and the
-backend builds its embedding model. Called by the patched
+backend builds its embedding model, or its sequence-classification model for the classify / score /
+reward tasks. Called by the patched
 ``get_model_architecture`` at model load and per request (input processing), so it is cheap and always
 returns the same class object for the same model.
 """
@@ -13,7 +14,7 @@ from typing import Any, Callable, Set, Tuple, Type
 
 from torch import nn
 
-from .options import runner_of
+from .options import HEAD_TASKS, pooling_task_of, runner_of
 
 _logged: Set[Tuple[str, str, str]] = set()
 
@@ -46,6 +47,10 @@ def native_architecture_for(model_config: Any, architectures: list) -> str | Non
 
 
 def backend_class(model_config: Any) -> Type[nn.Module]:
+    if pooling_task_of(model_config) in HEAD_TASKS:
+        from .sequence_classification import TransformersForSequenceClassification
+
+        return TransformersForSequenceClassification
     if runner_of(model_config) == "pooling":
         from .pooling import TransformersForEmbedding
 

@@ -1,11 +1,17 @@
 """Test helpers: tiny architectures, HF greedy references, vLLM engines run and torn down."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -197,3 +203,45 @@ def bundled_model(name: str) -> Optional[Path]:
 
 def write_json(path: Path, data: Dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_server(model: Path | str, args: Sequence[str], log_path: Path, ready_within: float = 240) -> Iterator[str]:
+    """``vllm serve MODEL ARGS`` on a free local port, its output in ``log_path``; yields the base URL once
+    ``/health`` answers and always stops the server (its whole process group)."""
+    import pytest
+
+    port = _free_port()
+    vllm_cli = Path(sys.executable).parent / "vllm"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(vllm_cli), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"},
+            start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + ready_within
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"server exited with {process.returncode}: {log_path.read_text()[-3000:]}")
+                try:
+                    urllib.request.urlopen(f"{base}/health", timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        pytest.fail(f"server not ready within {ready_within} s")
+                    time.sleep(1)
+            yield base
+        finally:
+            os.killpg(process.pid, 15)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)

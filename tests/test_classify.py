@@ -21,8 +21,9 @@ def _token_prompts(prompts):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_heads_equal_hf(tmp_path, name):
-    """classify (raw and activated), reward and, for one-label heads, score on a mixed-length batch (1-token
-    prompt, equal lengths, decoder prompts with the pad token inside and at the end) and on a prompt alone."""
+    """classify (raw and activated), reward and, for one-label heads, score (1-to-N and N-to-N, activated and
+    raw; BERT's pairs with token types) on a mixed-length batch (1-token prompt, equal lengths, decoder prompts
+    with the pad token inside and at the end) and on a prompt alone."""
     labels, problem_type = CASES[name]
     path = models.build(name, tmp_path / name, num_labels=labels, problem_type=problem_type)
     kwargs = models.engine_kwargs(name, task="classify", skip_tokenizer_init=False)
@@ -42,6 +43,8 @@ def test_heads_equal_hf(tmp_path, name):
         if labels == 1:
             scores = llm.score(models.PAIRS[0][0], [d for _, d in models.PAIRS[:2]], use_tqdm=False)
             scores += llm.score([q for q, _ in models.PAIRS], [d for _, d in models.PAIRS], use_tqdm=False)
+            raw_scores = llm.score([q for q, _ in models.PAIRS], [d for _, d in models.PAIRS], use_activation=False,
+                                   use_tqdm=False)
         else:
             with pytest.raises(ValueError, match="num_labels=1.*3 labels"):
                 llm.score("a", "b", use_tqdm=False)
@@ -57,31 +60,26 @@ def test_heads_equal_hf(tmp_path, name):
     assert [o.prompt_token_ids for o in probs] == prompts
     if labels == 1:
         pairs = [models.PAIRS[0], (models.PAIRS[0][0], models.PAIRS[1][1])] + models.PAIRS
-        want_scores = torch.sigmoid(models.hf_pair_logits(path, pairs)[:, 0])
+        want_raw = models.hf_pair_logits(path, pairs)[:, 0]
         got_scores = torch.tensor([o.outputs.score for o in scores])
-        assert (got_scores - want_scores).abs().max().item() < 1e-5
+        assert (got_scores - torch.sigmoid(want_raw)).abs().max().item() < 1e-5
+        got_raw = torch.tensor([o.outputs.score for o in raw_scores])
+        assert (got_raw - want_raw[2:]).abs().max().item() < 1e-5
+        if name == "bert":
+            _assert_token_types_matter(path, want_raw[2:])
 
 
-def test_bert_pairs_carry_token_types(tmp_path):
-    """BERT cross-encoder pairs: raw scores equal HF with the tokenizer's token_type_ids, and differ from HF
-    without them (so the segment ids really reached the model)."""
-    if not helpers.interface_supported("bert"):
-        pytest.skip(f"transformers {helpers.transformers_version()} runs no BERT (test_heads_equal_hf checks the error)")
+def _assert_token_types_matter(path, want_raw):
+    """HF without the pair's token_type_ids gives other logits: the segment ids really reached the model."""
     import transformers
 
-    path = models.build("bert", tmp_path / "bert")
-    with helpers.Engine(path, **models.engine_kwargs("bert", task="score", skip_tokenizer_init=False)) as llm:
-        raw = torch.tensor([o.outputs.score for o in llm.score([q for q, _ in models.PAIRS],
-                                                               [d for _, d in models.PAIRS],
-                                                               use_activation=False, use_tqdm=False)])
-    want = models.hf_pair_logits(path, models.PAIRS)[:, 0]
-    assert (raw - want).abs().max().item() < 1e-5
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    assert any(tokenizer(*models.PAIRS[0])["token_type_ids"])
     model = models.hf_model(path)
     with torch.no_grad():
         untyped = torch.cat([model(input_ids=tokenizer(q, d, return_tensors="pt").input_ids).logits
                              for q, d in models.PAIRS])[:, 0]
-    assert (untyped - want).abs().max().item() > 1e-3
+    assert (untyped - want_raw).abs().max().item() > 1e-3
 
 
 def test_real_minilm_cross_encoder_matches_sentence_transformers(tmp_path):

@@ -4,57 +4,19 @@ completion and 50 concurrent requests through the `openai` client. The server is
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests import helpers
 
 
 @pytest.fixture()
 def server(smollm2_path, tmp_path):
-    port = _free_port()
-    vllm_cli = Path(sys.executable).parent / "vllm"
     log_path = tmp_path / "server.log"
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [str(vllm_cli), "serve", str(smollm2_path), "--model-impl", "transformers", "--host", "127.0.0.1",
-         "--port", str(port), "--max-model-len", "512", "--served-model-name", "smollm2",
-         "--dtype", "float32"],  # "auto" turns float32 checkpoints into float16 (bfloat16 on the CPU)
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"},
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("server not ready within 240 s")
-                time.sleep(1)
+    args = ["--model-impl", "transformers", "--max-model-len", "512", "--served-model-name", "smollm2",
+            "--dtype", "float32"]  # "auto" turns float32 checkpoints into float16 (bfloat16 on the CPU)
+    with helpers.vllm_server(smollm2_path, args, log_path) as base:
         yield base, log_path
-    finally:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-        log.close()
 
 
 def test_vllm_serve_with_model_impl_transformers(server):

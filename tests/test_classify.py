@@ -215,3 +215,22 @@ def test_token_types_ride_in_the_high_bits():
     assert plain.tolist() == [5, 6, 7, 8, 9, 10, 11, 12]
     assert types.tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
     assert token_types.split_token_types(plain)[1] is None
+
+
+def test_check_reports_the_head(tmp_path, capsys):
+    """``check`` builds the sequence-classification model, maps the head's tensors, refuses token heads."""
+    import json
+
+    from vllm_transformers_backend import check
+
+    path = models.build("qwen2", tmp_path / "qwen2", num_labels=2)
+    code = check.main(str(path), as_json=True)
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    findings = {f["check"]: f for f in report["findings"]}
+    assert "TransformersForSequenceClassification" in findings["model kind"]["detail"]
+    assert findings["checkpoint keys"]["status"] == "ok"
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForTokenClassification"]}))
+    assert check.main(str(path), as_json=True) == 1
+    assert "token-classification heads" in capsys.readouterr().out

@@ -37,6 +37,7 @@ class Report:
     body_class: Optional[str] = None
     kind: Optional[str] = None  # "decoder" | "encoder"
     runner: Optional[str] = None  # "generate" | "pooling"
+    sequence_head: bool = False  # runs with its sequence-classification head
     findings: List[Finding] = field(default_factory=list)
     attention_modules: List[Dict[str, Any]] = field(default_factory=list)
     linears: List[Dict[str, Any]] = field(default_factory=list)
@@ -106,9 +107,12 @@ def _check(report: Report, path: Path, tp: int, pp: int, trust_remote_code: bool
         report.add("model kind", ERROR, "encoder-decoder models (cross-attention) are not supported by the backend")
         raise _Abort
 
-    hf_model, interface_error = _build(report, config, "AutoModelForCausalLM", trust_remote_code)
+    report.sequence_head = _sequence_head(report, config)
+    auto_class = "AutoModelForSequenceClassification" if report.sequence_head else "AutoModelForCausalLM"
+    hf_model, interface_error = _build(report, config, auto_class, trust_remote_code)
     kind, kind_detail = _model_kind(hf_model)
-    if kind == "encoder" and type(hf_model).__name__ != _auto_class_name(config, "AutoModel"):
+    if kind == "encoder" and not report.sequence_head and \
+            type(hf_model).__name__ != _auto_class_name(config, "AutoModel"):
         # Encoders run as pooling models built from AutoModel (no LM head).
         hf_model, interface_error = _build(report, config, "AutoModel", trust_remote_code)
     from .base import Base
@@ -137,6 +141,18 @@ def _load_config(report: Report, path: Path, trust_remote_code: bool) -> Any:
     except Exception as exc:  # a config that does not load is the finding
         hint = " (pass --trust-remote-code for models with their own code)" if "trust_remote_code" in str(exc) else ""
         report.add("config", ERROR, f"{type(exc).__name__}: {exc}{hint}")
+        raise _Abort
+
+
+def _sequence_head(report: Report, config: Any) -> bool:
+    """Whether the checkpoint runs with its sequence-classification head (classify / score / reward);
+    token-classification heads are refused, as the backend refuses them."""
+    from .options import pooling_task
+
+    try:
+        return pooling_task(None, list(getattr(config, "architectures", None) or [])) != "embed"
+    except ValueError as exc:
+        report.add("model kind", ERROR, str(exc))
         raise _Abort
 
 
@@ -271,6 +287,14 @@ def _report_kind(report: Report, kind: str, evidence: str) -> None:
     if kind == "mixed":
         report.add("model kind", ERROR, f"mixes causal and bidirectional attention layers ({evidence}); the backend "
                                         "runs decoder-only or encoder-only models")
+        return
+    if report.sequence_head and kind in ("decoder", "encoder"):
+        report.runner = "pooling"
+        from .sequence_classification import TransformersForSequenceClassification
+
+        report.add("model kind", OK, f"{kind} ({evidence}) with a sequence-classification head: runs as "
+                                     f"{TransformersForSequenceClassification.__name__} (task classify / score / "
+                                     "reward: LLM.classify, LLM.score, LLM.reward, /classify, /score, /rerank)")
         return
     if kind == "decoder":
         report.runner = "generate"
@@ -570,16 +594,25 @@ def _check_checkpoint(report: Report, path: Path, hf_model: Any, body: Any, pref
         return
     output_names = Base._output_embedding_qualnames(hf_model)
     mapper = build_weights_mapper(type(hf_model), prefix, output_names, compat.checkpoint_transforms(hf_model))
-    # The backend's parameter names: the HF body under "model.", the causal wrapper's "lm_head.".
+    # The backend's parameter names: the HF body under "model.", the causal wrapper's "lm_head.", the
+    # sequence-classification head under "head.".
     params = {f"model.{n}": tuple(p.shape) for n, p in body.named_parameters(remove_duplicate=False)}
-    if output_names and report.kind == "decoder":
+    if report.sequence_head:
+        from .sequence_classification import add_head_prefixes, head_names
+
+        names = head_names(hf_model, prefix)
+        add_head_prefixes(mapper, names)
+        for name in names:
+            params.update({f"head.{name}.{n}": tuple(p.shape)
+                           for n, p in getattr(hf_model, name).named_parameters()})
+    elif output_names and report.kind == "decoder":
         head = hf_model.get_output_embeddings()
         params.update({f"lm_head.{n}": tuple(p.shape) for n, p in head.named_parameters()})
-    encoder = report.kind == "encoder"
+    encoder = report.kind == "encoder" and not report.sequence_head  # the embedding model
     if encoder:  # the pooling wrapper drops HF's own pooler (see pooling.py)
         params = {n: shape for n, shape in params.items() if not n.startswith("model.pooler.")}
     targets = {**{f"model.{n}": None for n, _ in body.named_buffers()}, **params}
-    tied = report.kind == "decoder" and compat.ties_word_embeddings(config)
+    tied = report.kind == "decoder" and not report.sequence_head and compat.ties_word_embeddings(config)
     loaded, unmapped, mismatched = set(), [], []
     try:
         for key, shape in sorted(tensors.items()):

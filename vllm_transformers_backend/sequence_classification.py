@@ -117,7 +117,7 @@ class TransformersForSequenceClassification(Base):
         setattr(hf_model, self._checkpoint_prefix, self._body_output)
         #: HF's sequence-classification model without its body: the head modules and HF's forward.
         self.head = hf_model
-        self._head_names = [name for name, _ in hf_model.named_children() if name != self._checkpoint_prefix]
+        self._head_names = head_names(hf_model, self._checkpoint_prefix)
         self.task = pooling_task_of(self.bundle.model_config) or "classify"
         if self.task not in HEAD_TASKS:
             raise BackendError(f"task={self.task!r} does not use a sequence-classification head")
@@ -199,7 +199,16 @@ class TransformersForSequenceClassification(Base):
 
     def weights_mapper(self) -> WeightsMapper:
         mapper = super().weights_mapper()
-        # The head's modules are children of HF's model next to the body: checkpoint "classifier.weight" is
-        # the backend's "head.classifier.weight" (tried before the base-model fallbacks).
-        mapper.prefixes[:0] = [(f"{name}.", f"head.{name}.") for name in self._head_names]
+        add_head_prefixes(mapper, self._head_names)
         return mapper
+
+
+def head_names(hf_model: nn.Module, body_name: str) -> List[str]:
+    """The head modules of HF's sequence-classification model: its children other than the body."""
+    return [name for name, _ in hf_model.named_children() if name != body_name]
+
+
+def add_head_prefixes(mapper: WeightsMapper, names: List[str]) -> None:
+    """Checkpoint ``classifier.weight`` is the backend's ``head.classifier.weight`` (tried before the
+    base-model fallbacks, which would send it into the body)."""
+    mapper.prefixes[:0] = [(f"{name}.", f"head.{name}.") for name in names]

@@ -81,8 +81,10 @@ def _byte_level_tokenizer(target: Path) -> int:
 
 
 def build(name: str, path: Path, num_labels: int = 1, problem_type: Optional[str] = None, seed: int = 0,
-          id2label: Optional[Dict[int, str]] = None, body_from: Optional[Path] = None) -> Path:
-    """Saves a tiny (or, with ``body_from``, a real-bodied) sequence-classification checkpoint and tokenizer."""
+          id2label: Optional[Dict[int, str]] = None, body_from: Optional[Path] = None,
+          with_tokenizer: bool = True) -> Path:
+    """Saves a tiny (or, with ``body_from``, a real-bodied) sequence-classification checkpoint and, unless
+    ``with_tokenizer`` is False (token-id prompts only), its tokenizer."""
     import transformers
 
     path.mkdir(parents=True, exist_ok=True)
@@ -95,8 +97,8 @@ def build(name: str, path: Path, num_labels: int = 1, problem_type: Optional[str
         model = transformers.BertForSequenceClassification.from_pretrained(body_from, config=config)
         _copy_tokenizer(body_from, path)
     elif name == "bert":
-        source = _bundled("all-MiniLM-L6-v2")
-        _copy_tokenizer(source, path)
+        if with_tokenizer:
+            _copy_tokenizer(_bundled("all-MiniLM-L6-v2"), path)
         config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=128, **_ENCODER, **labels)
     elif name == "roberta":
         vocab = _byte_level_tokenizer(path)
@@ -104,7 +106,8 @@ def build(name: str, path: Path, num_labels: int = 1, problem_type: Optional[str
         config = transformers.RobertaConfig(vocab_size=vocab, max_position_embeddings=130, pad_token_id=1,
                                             **_ENCODER, **labels)
     else:
-        _copy_tokenizer(_bundled("SmolLM2-135M-Instruct"), path)
+        if with_tokenizer:
+            _copy_tokenizer(_bundled("SmolLM2-135M-Instruct"), path)
         config = getattr(transformers, f"{CLASSES[name]}Config")(vocab_size=49152, pad_token_id=7,
                                                                   tie_word_embeddings=False, **_DECODER, **labels)
     if body_from is None:
@@ -133,10 +136,15 @@ def hf_pair_logits(path: Path, pairs: Sequence[tuple]) -> torch.Tensor:
     """HF's logits for each (query, document) pair, tokenized together as HF users do."""
     import transformers
 
+    import inspect
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = hf_model(path)
+    accepted = inspect.signature(model.forward).parameters
     with torch.no_grad():
-        return torch.cat([model(**tokenizer(q, d, return_tensors="pt")).logits for q, d in pairs])
+        # what the model's forward takes (some tokenizers return token_type_ids that decoders do not read)
+        return torch.cat([model(**{k: v for k, v in tokenizer(q, d, return_tensors="pt").items() if k in accepted}).logits
+                          for q, d in pairs])
 
 
 def engine_kwargs(name: str, **extra: Any) -> Dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from http import HTTPStatus
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from fastapi import APIRouter, FastAPI, Request
@@ -29,12 +28,9 @@ from .outputs import ClassificationRequestOutput, ScoringRequestOutput
 
 logger = get_logger(__name__)
 
-_TruncateTokens = Optional[int]
-
-
 class _PoolingRequestBase(OpenAIBaseModel):
     model: Optional[str] = None
-    truncate_prompt_tokens: _TruncateTokens = Field(default=None, ge=1)
+    truncate_prompt_tokens: Optional[int] = Field(default=None, ge=1)
     use_activation: Optional[bool] = Field(default=None, description="False: raw logits. Default: the task's "
                                            "activation (see the README).")
     # older names of use_activation in newer vLLM
@@ -58,13 +54,20 @@ class ClassificationData(OpenAIBaseModel):
     num_classes: int
 
 
-class ClassificationResponse(OpenAIBaseModel):
-    id: str = Field(default_factory=lambda: f"classify-{random_uuid()}")
+class _ListResponse(OpenAIBaseModel):
+    """What newer vLLM's list answers share (their ``id`` prefix and ``data`` items differ)."""
+
+    id: str
     object: str = "list"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    data: List[ClassificationData]
+    data: List[Any]
     usage: UsageInfo
+
+
+class ClassificationResponse(_ListResponse):
+    id: str = Field(default_factory=lambda: f"classify-{random_uuid()}")
+    data: List[ClassificationData]
 
 
 class ScoreRequest(_PoolingRequestBase):
@@ -78,13 +81,9 @@ class ScoreResponseData(OpenAIBaseModel):
     score: float
 
 
-class ScoreResponse(OpenAIBaseModel):
+class ScoreResponse(_ListResponse):
     id: str = Field(default_factory=lambda: f"score-{random_uuid()}")
-    object: str = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     data: List[ScoreResponseData]
-    usage: UsageInfo
 
 
 class RerankRequest(_PoolingRequestBase):

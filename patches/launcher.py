@@ -1,5 +1,5 @@
-"""Patch of ``vllm.entrypoints.launcher.serve_http`` (vLLM 0.6.2): the server's ``/classify``, ``/score``
-and ``/rerank`` routes.
+"""Patch of ``vllm.entrypoints.launcher.serve_http`` (vLLM 0.6.2): the server's ``/classify``, ``/score``,
+``/rerank`` and ``/pooling`` routes.
 
 vLLM 0.6.2's OpenAI server has ``/v1/embeddings`` only. Both entry points (``vllm serve`` and
 ``python -m vllm.entrypoints.openai.api_server``, which runs the server module as ``__main__``, a copy a
@@ -16,7 +16,7 @@ from ._base import Patch, require_parameters, wrap
 
 class LauncherPatch(Patch):
     name = "launcher"
-    target = "vllm.entrypoints.launcher.serve_http: /classify, /score (/v1/score), /rerank (/v1/rerank)"
+    target = "vllm.entrypoints.launcher.serve_http: /classify, /score (/v1/score), /rerank (/v1/rerank), /pooling"
 
     wraps = (("vllm.entrypoints.launcher", "serve_http"),)
 

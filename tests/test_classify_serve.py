@@ -1,5 +1,5 @@
-"""`vllm serve` with a sequence-classification checkpoint: /classify, /score (/v1/score) and /rerank
-(/v1/rerank) with newer vLLM's request and response shapes, against HF's logits (float32, 1e-5), 50
+"""`vllm serve` with a sequence-classification checkpoint: /classify, /pooling, /score (/v1/score) and
+/rerank (/v1/rerank) with newer vLLM's request and response shapes, against HF's logits (float32, 1e-5), 50
 concurrent requests against the sequential answers, and 400s for bad requests. One server per module: a
 BERT cross-encoder (its pairs carry token types) where transformers runs BERT (5.x), else a Llama reward
 model."""
@@ -53,6 +53,9 @@ def test_classify_route_equals_hf(served):
     assert answer["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
     raw = _post(base, "/classify", {"input": prompts[1], "use_activation": False})  # token ids, no model name
     assert abs(raw["data"][0]["probs"][0] - want[1].item()) < 1e-5
+    pooled = _post(base, "/pooling", {"input": prompts})  # the reward: raw logits, like LLM.reward
+    assert pooled["id"].startswith("pool-") and [d["object"] for d in pooled["data"]] == ["pooling"] * 3
+    assert (torch.tensor([d["data"][0] for d in pooled["data"]]) - want).abs().max().item() < 1e-5
 
 
 def test_score_and_rerank_routes_equal_hf(served):

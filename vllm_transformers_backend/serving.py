@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server's ``/classify``, ``/score`` (``/v1/score``) and ``/rerank`` (``/v1/rerank``,
-``/v2/rerank``) routes, with newer vLLM's request and response shapes, for vLLM 0.6.2's ``vllm serve``.
+"""The OpenAI-compatible server's ``/classify``, ``/score`` (``/v1/score``), ``/rerank`` (``/v1/rerank``,
+``/v2/rerank``) and ``/pooling`` routes, with newer vLLM's request and response shapes, for vLLM 0.6.2's
+``vllm serve``.
 
 :func:`install` adds them to the server's FastAPI app (the launcher patch calls it once the app and its
 state exist). The handlers tokenize, send one engine request per prompt or pair, and shape the answer;
@@ -70,6 +71,21 @@ class ClassificationResponse(_ListResponse):
     data: List[ClassificationData]
 
 
+class PoolingRequest(_PoolingRequestBase):
+    input: Union[List[int], List[List[int]], str, List[str]]
+
+
+class PoolingResponseData(OpenAIBaseModel):
+    index: int
+    object: str = "pooling"
+    data: List[float]
+
+
+class PoolingResponse(_ListResponse):
+    id: str = Field(default_factory=lambda: f"pool-{random_uuid()}")
+    data: List[PoolingResponseData]
+
+
 class ScoreRequest(_PoolingRequestBase):
     text_1: Union[List[str], str]
     text_2: Union[List[str], str]
@@ -114,7 +130,7 @@ class RerankResponse(OpenAIBaseModel):
 
 
 class ServingPooling(OpenAIServing):
-    """Handlers of ``/classify``, ``/score`` and ``/rerank`` over vLLM 0.6.2's engine client."""
+    """Handlers of ``/classify``, ``/pooling``, ``/score`` and ``/rerank`` over vLLM 0.6.2's engine client."""
 
     def __init__(self, engine_client: Any, model_config: Any, base_model_paths: List[Any], *,
                  request_logger: Any = None) -> None:
@@ -125,6 +141,9 @@ class ServingPooling(OpenAIServing):
 
     async def classify(self, request: ClassificationRequest, raw_request: Optional[Request] = None):
         return await self._answer(request, raw_request, self._classify)
+
+    async def pooling(self, request: PoolingRequest, raw_request: Optional[Request] = None):
+        return await self._answer(request, raw_request, self._pooling)
 
     async def score(self, request: ScoreRequest, raw_request: Optional[Request] = None):
         return await self._answer(request, raw_request, self._score)
@@ -161,6 +180,18 @@ class ServingPooling(OpenAIServing):
             label = id2label.get(best, id2label.get(str(best)))
             data.append(ClassificationData(index=index, label=label, probs=probs, num_classes=len(probs)))
         return ClassificationResponse(model=self._model_name(request), data=data, usage=self._usage(outputs))
+
+    async def _pooling(self, request: PoolingRequest, raw_request: Optional[Request]) -> PoolingResponse:
+        """The raw pooled output per input: a head's logits (what ``LLM.reward`` returns), or an embedding."""
+        if pooling_task_of(self.model_config) is None:
+            raise ValueError("/pooling needs a pooling engine (--runner pooling / --task ...); this one generates")
+        tokenizer = await self.engine_client.get_tokenizer(None)
+        prompts = [self._prompt(tokenizer, item, request.truncate_prompt_tokens)
+                   for item in parse_and_batch_prompt(request.input)]
+        params = pooling_api.params_for("reward")
+        outputs = await self._run("pool", prompts, [params] * len(prompts), raw_request)
+        data = [PoolingResponseData(index=i, data=list(o.outputs.embedding)) for i, o in enumerate(outputs)]
+        return PoolingResponse(model=self._model_name(request), data=data, usage=self._usage(outputs))
 
     async def _score(self, request: ScoreRequest, raw_request: Optional[Request]) -> ScoreResponse:
         scores, usage = await self._pair_scores(request, request.text_1, request.text_2, raw_request)
@@ -254,6 +285,11 @@ async def create_classify(request: ClassificationRequest, raw_request: Request):
     return _response(await _handler(raw_request).classify(request, raw_request))
 
 
+@router.post("/pooling")
+async def create_pooling(request: PoolingRequest, raw_request: Request):
+    return _response(await _handler(raw_request).pooling(request, raw_request))
+
+
 @router.post("/score")
 @router.post("/v1/score")
 async def create_score(request: ScoreRequest, raw_request: Request):
@@ -281,4 +317,5 @@ def install(app: FastAPI) -> None:
         request_logger=embedding.request_logger)
     app.include_router(router)
     task = pooling_task_of(embedding.model_config)
-    logger.info("added /classify, /score (/v1/score) and /rerank (/v1/rerank, /v2/rerank) (pooling task: %s)", task)
+    logger.info("added /classify, /pooling, /score (/v1/score) and /rerank (/v1/rerank, /v2/rerank) (pooling task: "
+                "%s)", task)

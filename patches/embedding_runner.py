@@ -17,6 +17,8 @@ from ._base import Patch, require_parameters, wrap
 
 
 class EmbeddingRunnerPatch(Patch):
+    #: Only cross-encoder token types need it: a model that reads them refuses to load without it.
+    required = False
     name = "embedding_runner"
     target = "vllm.worker.embedding_model_runner.EmbeddingModelRunner.prepare_model_input: cross-encoder token types"
 

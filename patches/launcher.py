@@ -15,6 +15,8 @@ from ._base import Patch, require_parameters, wrap
 
 
 class LauncherPatch(Patch):
+    #: Only the server's pooling routes need it; the rest of the backend works without (doctor lists it).
+    required = False
     name = "launcher"
     target = "vllm.entrypoints.launcher.serve_http: /classify, /score (/v1/score), /rerank (/v1/rerank), /pooling"
 

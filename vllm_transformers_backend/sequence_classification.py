@@ -122,6 +122,8 @@ class TransformersForSequenceClassification(Base):
         if self.task not in HEAD_TASKS:
             raise BackendError(f"task={self.task!r} does not use a sequence-classification head")
         self._type_vocab_size = int(getattr(self.text_config, "type_vocab_size", 0) or 0)
+        if self._type_vocab_size >= 2:
+            _require_token_type_runners()
         logger.info("Transformers backend sequence classification: %s, %d label(s), task %s (default activation "
                     "%s)", type(hf_model).__name__, self.num_labels, self.task,
                     activation_for(self.config, self.task))
@@ -201,6 +203,18 @@ class TransformersForSequenceClassification(Base):
         mapper = super().weights_mapper()
         add_head_prefixes(mapper, self._head_names)
         return mapper
+
+
+def _require_token_type_runners() -> None:
+    """Pairs' token types reach the model only through the runner patches (see token_types); without them a
+    cross-encoder would silently read every pair as one segment."""
+    from vllm_transformers_backend.patches import status
+
+    missing = [s for s in status() if s.name in ("embedding_runner", "cpu_embedding") and not s.applied]
+    if missing:
+        raise BackendError("this model reads token types (BERT-style pairs), which reach it through the patches "
+                           + ", ".join(f"{s.name} ({s.error or 'not applied'})" for s in missing)
+                           + "; run `python -m vllm_transformers_backend doctor`.")
 
 
 def head_names(hf_model: nn.Module, body_name: str) -> List[str]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tests.helpers import PROMPTS, Engine, cleanup_engine, hf_greedy, require_architecture, vllm_greedy
-from vllm_transformers_backend.fusion import FUSE_ENV, FusedSlice, fuse_projections
+from vllm_transformers_backend.fusion import FUSE_ENV, FusedSlice, fuse_projections, packed_modules_mapping, stacked_shards
 from vllm_transformers_backend.live import get_hf_model
 
 MAX_TOKENS = 12
@@ -171,7 +171,7 @@ def _vllm_copy(reference: nn.Module, conv1d_names=()) -> nn.Module:
 def _load(model: nn.Module, state: dict) -> None:
     from vllm_transformers_backend.weights import WeightsMapper, load_weights
 
-    load_weights(model, list(state.items()), WeightsMapper())
+    load_weights(model, list(state.items()), WeightsMapper(stacked=stacked_shards(model)))
 
 
 def _fused_reference_pair():
@@ -196,15 +196,40 @@ def test_siblings_on_other_inputs_stay_correct(tp1_world, monkeypatch):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
-def test_fused_parameters_are_views_with_hf_names(tp1_world, monkeypatch):
+def test_fused_layers_are_named_like_vllms_and_load_hf_names(tp1_world, monkeypatch):
     monkeypatch.delenv(FUSE_ENV, raising=False)
     reference, model, _ = _fused_reference_pair()
-    names = dict(model.named_parameters())
-    assert set(names) == set(dict(reference.named_parameters()))  # the fused layer adds no names
+    # The fused layers are modules of the tree under vLLM's names (what quantization and LoRA reach); the
+    # slices hold no parameters of their own.
+    assert set(dict(model.named_parameters())) == {"self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias",
+                                                    "mlp.gate_up_proj.weight"}
+    assert model.self_attn.q_proj.fused_layer is model.self_attn.qkv_proj
+    assert packed_modules_mapping(model) == {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                             "gate_up_proj": ["gate_proj", "up_proj"]}
+    # HF's tensors landed in their shards; a slice's weight/bias read them as views (no second copy).
     for name, param in reference.named_parameters():
-        assert torch.equal(names[name], param), name
-    fused = model.self_attn.q_proj.fused_layer
-    assert names["self_attn.k_proj.weight"].data_ptr() == fused.weight[32:].data_ptr()  # no second copy
+        parent, _, attr = name.rpartition(".")
+        assert torch.equal(getattr(model.get_submodule(parent), attr), param), name
+    fused = model.self_attn.qkv_proj
+    assert model.self_attn.k_proj.weight.data_ptr() == fused.weight[32:].data_ptr()
+    # A fused layer replaced in its parent (vLLM's LoRA manager does this) is what the slices call.
+    calls = []
+    replacement = model.self_attn.qkv_proj
+    model.self_attn.qkv_proj = _Recorder(replacement, calls)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        model.self_attn.v_proj(x)
+    assert calls == [x.shape]
+
+
+class _Recorder(nn.Module):
+    def __init__(self, inner: nn.Module, calls: list) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, calls
+
+    def forward(self, x):
+        self.calls.append(x.shape)
+        return self.inner(x)
 
 
 def test_cache_is_released_after_the_last_sibling(tp1_world, monkeypatch):
@@ -245,9 +270,6 @@ def test_not_fused_when_unsafe_or_switched_off(tp1_world, monkeypatch):
     assert not any(isinstance(m, FusedSlice) for m in model.modules())
 
     monkeypatch.delenv(FUSE_ENV)
-    model = _vllm_copy(reference)
-    assert fuse_projections(model, quant_config=object(), tp_size=1, head_size=8) == {}  # quantized
-
     # A Conv1D-style (transposing) loader on one sibling, and a bias on only one of gate/up.
     reference.mlp.gate_proj = nn.Linear(32, 48, bias=True)
     model = _vllm_copy(reference, conv1d_names=("k_proj",))

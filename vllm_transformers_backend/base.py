@@ -521,8 +521,10 @@ class Base(nn.Module):
     # --- weights ----------------------------------------------------------------------------------
 
     def weights_mapper(self) -> WeightsMapper:
-        return build_weights_mapper(self.hf_model_class, self._checkpoint_prefix, self._output_embedding_names,
-                                    self._checkpoint_transforms)
+        mapper = build_weights_mapper(self.hf_model_class, self._checkpoint_prefix, self._output_embedding_names,
+                                      self._checkpoint_transforms)
+        mapper.stacked.update(fusion.stacked_shards(self))
+        return mapper
 
     def _skipped_weights(self) -> Tuple[str, ...]:
         return ()

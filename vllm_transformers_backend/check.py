@@ -616,7 +616,7 @@ def _check_checkpoint(report: Report, path: Path, hf_model: Any, body: Any, pref
     loaded, unmapped, mismatched = set(), [], []
     try:
         for key, shape in sorted(tensors.items()):
-            target, unexpected = mapper.resolve(key, targets)
+            target, _, unexpected = mapper.resolve(key, targets)
             if target is None:
                 if unexpected:
                     unmapped.append(key)

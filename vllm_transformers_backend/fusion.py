@@ -2,7 +2,8 @@
 
 After the per-module replacement every HF ``nn.Linear`` is its own vLLM linear, so a Llama layer runs
 q, k and v as three GEMMs and gate/up as two, where vLLM's own models run one ``QKVParallelLinear`` and
-one ``MergedColumnParallelLinear``. :func:`fuse_projections` builds those merged layers and puts a
+one ``MergedColumnParallelLinear``. :func:`fuse_projections` builds those merged layers, adds each to the
+HF parent under vLLM's name for it (``self_attn.qkv_proj``, ``mlp.gate_up_proj``), and puts a
 :class:`FusedSlice` in place of each sibling, keeping HF's forward untouched:
 
 * the first slice called computes the fused GEMM for its input and keeps the per-rank split; a sibling
@@ -11,16 +12,22 @@ one ``MergedColumnParallelLinear``. :func:`fuse_projections` builds those merged
   per batch size; replays run the recorded kernels and no Python at all);
 * a sibling called with any other input (cross-attention keys, a model calling it twice) computes the
   fused GEMM for that input and returns its part: always correct, only the saving is lost;
-* checkpoint names stay HF's (``...q_proj.weight``): each slice holds ``weight``/``bias`` Parameters
-  that are views into the fused layer's per-rank tensors, and whose ``weight_loader`` hands the tensor
-  to the fused layer's loader with the shard id (``"q"``/``"k"``/``"v"``, ``0``/``1``), as vLLM's
-  native ``stacked_params_mapping`` does. The fused layer itself is kept out of the module tree
-  (a plain attribute), so every checkpoint key maps to exactly one parameter and the strict loader sees
-  no parameter left unloaded. A consequence: ``model.to(...)`` after construction would not reach it
-  (vLLM builds on the target device and never moves the model).
+* the fused layer is an ordinary module of the tree, named as in vLLM's own models, so everything vLLM
+  does to a model's modules reaches it: the quantization method's ``process_weights_after_loading``,
+  LoRA's layer replacement (``packed_modules_mapping`` maps ``qkv_proj`` to ``q_proj``/``k_proj``/``v_proj``,
+  see :func:`packed_modules_mapping`), and a replaced layer is found again by name on every call;
+* checkpoint names stay HF's (``...q_proj.weight``, ``...q_proj.qweight``): the weights mapper routes a
+  sibling's tensors to the fused layer's parameter of the same name with the shard id (``"q"``/``"k"``/
+  ``"v"``, ``0``/``1``), as vLLM's native ``stacked_params_mapping`` does (:func:`stacked_shards`).
+
+Quantized models fuse the same groups as vLLM's own models, through the fused layer's quantization
+method: GPTQ/AWQ pack and scale per shard, FP8 keeps one scale per shard. They fuse only groups whose
+names vLLM 0.6.2 unfolds in its ignore-list checks (``qkv_proj`` -> q/k/v, ``gate_up_proj`` -> gate/up:
+``FUSED_LAYER_NAME_MAPPING``), so a checkpoint that leaves some layers unquantized is read the same way
+as by vLLM's own models; a group whose shards the checkpoint quantizes differently stays unfused.
 
 Only well-known sibling names are fused, only when they are plain (column-parallel or replicated) vLLM
-linears of the same input size with stock weight loaders, and never for quantized models.
+linears of the same input size and quantization method with stock weight loaders.
 ``VLLM_TRANSFORMERS_BACKEND_FUSE=0`` turns fusion off (A/B benchmarks).
 """
 from __future__ import annotations
@@ -32,19 +39,22 @@ import torch
 from torch import nn
 
 from vllm.model_executor.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
-                                               QKVParallelLinear, ReplicatedLinear)
+                                               QKVParallelLinear, ReplicatedLinear, UnquantizedLinearMethod)
 
 from ._logging import get_logger
-from .weights import WeightsLoadingError
+from .weights import StackedShard
 
 logger = get_logger(__name__)
 
 FUSE_ENV = "VLLM_TRANSFORMERS_BACKEND_FUSE"
 
-#: Sibling names fused into a ``QKVParallelLinear`` (shard ids "q", "k", "v").
+#: Sibling names fused into a ``QKVParallelLinear`` (shard ids "q", "k", "v") named ``qkv_proj``.
 QKV_NAMES: Tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
-#: Sibling names fused into a ``MergedColumnParallelLinear`` (shard ids 0, 1): gate/up of gated MLPs.
-MERGED_NAMES: Tuple[Tuple[str, ...], ...] = (("gate_proj", "up_proj"), ("w1", "w3"))
+QKV_FUSED_NAME = "qkv_proj"
+#: Sibling names fused into a ``MergedColumnParallelLinear`` (shard ids 0, 1) and the fused layer's name:
+#: gate/up of gated MLPs (InternLM2-style ``w1``/``w3`` too, under the name vLLM's InternLM2 gives them).
+MERGED_GROUPS: Tuple[Tuple[Tuple[str, ...], str], ...] = ((("gate_proj", "up_proj"), "gate_up_proj"),
+                                                          (("w1", "w3"), "gate_up_proj"))
 
 
 def switched_on(env: str) -> bool:
@@ -57,17 +67,23 @@ def fusion_enabled() -> bool:
 
 
 class _FusedGroup:
-    """The fused layer and the cache its slices share for one input (a plain object: not a module)."""
+    """Where the fused layer lives and the cache its slices share for one input (a plain object: not a
+    module). The layer is looked up in its parent on each call: vLLM's LoRA manager replaces it there."""
 
-    __slots__ = ("layer", "sizes", "full", "input", "outputs", "taken")
+    __slots__ = ("parent", "name", "sizes", "full", "input", "outputs", "taken")
 
-    def __init__(self, layer: LinearBase, sizes: Sequence[int]) -> None:
-        self.layer = layer
+    def __init__(self, parent: nn.Module, name: str, sizes: Sequence[int]) -> None:
+        self.parent = parent
+        self.name = name
         self.sizes = list(sizes)
         self.full = (1 << len(self.sizes)) - 1
         self.input: Optional[torch.Tensor] = None
         self.outputs: Optional[Tuple[torch.Tensor, ...]] = None
         self.taken = 0
+
+    @property
+    def layer(self) -> nn.Module:
+        return self.parent._modules[self.name]
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         bit = 1 << index
@@ -91,7 +107,8 @@ class _FusedGroup:
 
 
 class FusedSlice(nn.Module):
-    """Stands in for one sibling linear: its per-rank part of the fused layer's output."""
+    """Stands in for one sibling linear: its per-rank part of the fused layer's output. It holds no
+    parameters (the fused layer does); ``weight``/``bias`` read its rows of an unquantized fused layer."""
 
     def __init__(self, group: _FusedGroup, index: int, shard_id: Any, original: LinearBase) -> None:
         super().__init__()
@@ -100,46 +117,82 @@ class FusedSlice(nn.Module):
         self.shard_id = shard_id
         self.input_size = original.input_size
         self.output_size = original.output_size
-        offset = sum(group.sizes[:index])
-        size = group.sizes[index]
-        fused = group.layer
-        self.weight = _proxy(fused.weight, offset, size, shard_id, (original.output_size, original.input_size))
-        if fused.bias is not None:
-            self.bias = _proxy(fused.bias, offset, size, shard_id, (original.output_size,))
-        else:
-            self.register_parameter("bias", None)
+        self.has_bias = getattr(original, "bias", None) is not None
 
     @property
-    def fused_layer(self) -> LinearBase:
+    def fused_layer(self) -> nn.Module:
         return self._group.layer
+
+    @property
+    def fused_name(self) -> str:
+        return self._group.name
+
+    def _rows(self, name: str) -> Optional[torch.Tensor]:
+        tensor = getattr(self.fused_layer, name, None)
+        if tensor is None:
+            return None
+        offset = sum(self._group.sizes[:self.index])
+        return tensor.detach().narrow(0, offset, self._group.sizes[self.index])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """This shard's rows of the fused weight (a view), for HF code that reads ``proj.weight``."""
+        rows = self._rows("weight")
+        if rows is None:
+            raise AttributeError(f"{type(self.fused_layer).__name__} has no plain weight (quantized)")
+        return rows
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self._rows("bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._group.part(x, self.index)
 
     def extra_repr(self) -> str:
-        fused = type(self._group.layer).__name__
-        return f"shard={self.shard_id!r} of {fused}, output_features={self._group.sizes[self.index]}"
+        return (f"shard={self.shard_id!r} of {self._group.name} ({type(self.fused_layer).__name__}), "
+                f"output_features={self._group.sizes[self.index]}")
 
 
-def _proxy(fused_param: nn.Parameter, offset: int, size: int, shard_id: Any,
-           checkpoint_shape: Tuple[int, ...]) -> nn.Parameter:
-    """A view of the fused parameter's rows for one shard; loading it loads the fused parameter."""
-    proxy = nn.Parameter(fused_param.data.narrow(0, offset, size), requires_grad=False)
-    loader = fused_param.weight_loader
+def stacked_shards(model: nn.Module) -> Dict[str, StackedShard]:
+    """Module name of each fused sibling in ``model`` (as ``named_modules`` spells it) -> where its checkpoint
+    tensors load (the weights mapper's ``stacked``); unquantized shards carry their checkpoint shapes."""
+    shards: Dict[str, StackedShard] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, FusedSlice):
+            continue
+        parent = name.rpartition(".")[0]
+        fused = f"{parent}.{module.fused_name}" if parent else module.fused_name
+        shapes: Dict[str, Tuple[int, ...]] = {}
+        if isinstance(getattr(module.fused_layer, "quant_method", None), UnquantizedLinearMethod):
+            shapes["weight"] = (module.output_size, module.input_size)
+            if module.has_bias:
+                shapes["bias"] = (module.output_size,)
+        shards[name] = StackedShard(fused, module.shard_id, shapes)
+    return shards
 
-    def weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
-        # The merged loaders narrow the tensor to the shard without checking its full size: a checkpoint
-        # tensor of the wrong shape must still be refused, as the unfused layer's loader does.
-        if tuple(loaded_weight.shape) != checkpoint_shape:
-            raise WeightsLoadingError(f"shape mismatch: checkpoint {tuple(loaded_weight.shape)}, expected "
-                                      f"{checkpoint_shape} (shard {shard_id!r} of a fused layer)")
-        loader(fused_param, loaded_weight, shard_id)
 
-    proxy.weight_loader = weight_loader  # type: ignore[attr-defined]
-    return proxy
+def packed_modules_mapping(model: nn.Module) -> Dict[str, List[str]]:
+    """vLLM's ``packed_modules_mapping`` for the groups fused in ``model``: fused name -> sibling names in
+    shard order (what LoRA reads to split an adapter's q/k/v over ``qkv_proj``)."""
+    mapping: Dict[str, List[str]] = {}
+    for parent in model.modules():
+        groups: Dict[str, List[Tuple[int, str]]] = {}
+        for name, child in parent._modules.items():
+            if isinstance(child, FusedSlice):
+                groups.setdefault(child.fused_name, []).append((child.index, name))
+        for fused, slices in groups.items():
+            mapping.setdefault(fused, [name for _, name in sorted(slices)])
+    return mapping
 
 
 # --- deciding what to fuse ------------------------------------------------------------------------
+
+
+def _loaders_are_own(module: nn.Module) -> bool:
+    # A wrapped loader transforms the checkpoint tensor (GPT-2 Conv1D transposes): not ours to merge.
+    loaders = [getattr(p, "weight_loader", None) for p in module.parameters(recurse=False)]
+    return bool(loaders) and all(getattr(loader, "__self__", None) is module for loader in loaders)
 
 
 def _plain_linear_problem(module: nn.Module, tp_size: int) -> Optional[str]:
@@ -151,9 +204,7 @@ def _plain_linear_problem(module: nn.Module, tp_size: int) -> Optional[str]:
         return f"{type(module).__name__} is not sharded column-wise without gathering at TP={tp_size}"
     if getattr(module, "skip_bias_add", False):
         return "skip_bias_add is set"
-    loader = getattr(module.weight, "weight_loader", None)
-    # A wrapped loader transforms the checkpoint tensor (GPT-2 Conv1D transposes): not ours to merge.
-    if getattr(loader, "__self__", None) is not module:
+    if not _loaders_are_own(module):
         return "its weight loader is not the layer's own"
     return None
 
@@ -170,13 +221,15 @@ def _siblings(parent: nn.Module, names: Sequence[str], tp_size: int) -> Tuple[Op
         return None, "input sizes differ"
     if len({child.bias is None for child in children}) != 1:
         return None, "some have a bias and some do not"
-    if len({child.weight.dtype for child in children}) != 1:
-        return None, "weight dtypes differ"
+    if len({child.params_dtype for child in children}) != 1:
+        return None, "parameter dtypes differ"
+    if len({type(child.quant_method) for child in children}) != 1:
+        return None, "the checkpoint quantizes them differently"
     return children, ""  # type: ignore[return-value]
 
 
 def _qkv_layer(parent: nn.Module, q: LinearBase, k: LinearBase, v: LinearBase, head_size: int,
-               tp_size: int, prefix: str) -> Tuple[Optional[LinearBase], str]:
+               tp_size: int, quant_config: Any, prefix: str) -> Tuple[Optional[LinearBase], str]:
     head_dim = getattr(parent, "head_dim", None)
     head = head_dim if isinstance(head_dim, int) and head_dim > 0 else head_size
     if k.output_size != v.output_size:
@@ -186,25 +239,39 @@ def _qkv_layer(parent: nn.Module, q: LinearBase, k: LinearBase, v: LinearBase, h
     heads, kv_heads = q.output_size // head, k.output_size // head
     if heads % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
         return None, f"{heads} query / {kv_heads} kv heads do not shard over TP={tp_size}"
-    layer = QKVParallelLinear(q.input_size, head, heads, kv_heads, bias=q.bias is not None,
-                              params_dtype=q.weight.dtype, quant_config=None, prefix=f"{prefix}.qkv_proj")
-    return layer, ""
+    return _build(QKVParallelLinear, q.input_size, head, heads, kv_heads, bias=q.bias is not None,
+                  params_dtype=q.params_dtype, quant_config=quant_config, prefix=prefix)
 
 
-def _merged_layer(children: Sequence[LinearBase], tp_size: int, prefix: str) -> Tuple[Optional[LinearBase], str]:
+def _merged_layer(children: Sequence[LinearBase], tp_size: int, quant_config: Any,
+                  prefix: str) -> Tuple[Optional[LinearBase], str]:
     sizes = [child.output_size for child in children]
     if any(size % tp_size for size in sizes):
         return None, f"output sizes {sizes} do not shard over TP={tp_size}"
     first = children[0]
-    layer = MergedColumnParallelLinear(first.input_size, sizes, bias=first.bias is not None,
-                                       params_dtype=first.weight.dtype, quant_config=None,
-                                       prefix=f"{prefix}.gate_up_proj")
-    return layer, ""
+    return _build(MergedColumnParallelLinear, first.input_size, sizes, bias=first.bias is not None,
+                  params_dtype=first.params_dtype, quant_config=quant_config, prefix=prefix)
+
+
+def _build(cls: type, *args: Any, **kwargs: Any) -> Tuple[Optional[LinearBase], str]:
+    try:
+        return cls(*args, **kwargs), ""
+    except ValueError as exc:
+        # The quantization method refuses the fused shape or prefix (e.g. shards quantized differently,
+        # sizes its kernels cannot pack): the siblings, already built, keep working unfused.
+        return None, f"{cls.__name__} refused: {exc}"
+
+
+def _quantized_fusable(names: Sequence[str], fused_name: str) -> bool:
+    from vllm.model_executor.layers.quantization.utils.quant_utils import FUSED_LAYER_NAME_MAPPING
+
+    return list(FUSED_LAYER_NAME_MAPPING.get(fused_name, ())) == list(names)
 
 
 def _install(parent: nn.Module, names: Sequence[str], shard_ids: Sequence[Any], layer: LinearBase,
-             originals: Sequence[LinearBase]) -> None:
-    group = _FusedGroup(layer, layer.output_partition_sizes)
+             originals: Sequence[LinearBase], fused_name: str) -> None:
+    parent.add_module(fused_name, layer)
+    group = _FusedGroup(parent, fused_name, layer.output_partition_sizes)
     for index, (name, shard_id, original) in enumerate(zip(names, shard_ids, originals)):
         setattr(parent, name, FusedSlice(group, index, shard_id, original))
 
@@ -213,40 +280,54 @@ def fuse_projections(model: nn.Module, *, quant_config: Any, tp_size: int, head_
                      prefix: str = "model") -> Dict[str, int]:
     """Fuses q/k/v and gate/up siblings in ``model`` (already holding vLLM linears), in place.
 
-    Returns how many groups of each kind were fused (empty when fusion is off or not applicable).
+    ``prefix``: the name of ``model`` in the checkpoint (its modules' quantization prefixes are
+    ``{prefix}.{qualname}``, as the checkpoint's ignore lists spell them; "" when it has none).
+    Returns how many groups of each kind were fused (empty when fusion is off).
     """
     if not fusion_enabled():
         logger.info("projection fusion off (%s=0)", FUSE_ENV)
         return {}
-    if quant_config is not None:
-        # Quantized layers pack and scale per shard; their merged loaders differ per method.
-        logger.info("projection fusion skipped: quantized model (%s)", type(quant_config).__name__)
-        return {}
     counts = {"qkv": 0, "gate_up": 0}
     skipped: Dict[str, int] = {}
+    packed: Dict[str, Tuple[str, ...]] = {}  # one sibling list per fused name (LoRA maps by name)
+
+    def try_fuse(parent: nn.Module, where: str, names: Tuple[str, ...], fused_name: str, kind: str) -> str:
+        children, why = _siblings(parent, names, tp_size)
+        if children is None:
+            return why
+        if quant_config is not None and not _quantized_fusable(names, fused_name):
+            return f"quantized, and vLLM 0.6.2 does not unfold {fused_name} into {'/'.join(names)}"
+        if fused_name in parent._modules or hasattr(parent, fused_name):
+            return f"{type(parent).__name__} already has a {fused_name!r} attribute"
+        if packed.get(fused_name, names) != names:
+            return f"{fused_name} already stands for {'/'.join(packed[fused_name])} in this model"
+        full_name = f"{where}.{fused_name}" if where else fused_name
+        if kind == "qkv":
+            layer, why = _qkv_layer(parent, *children, head_size=head_size, tp_size=tp_size,
+                                    quant_config=quant_config, prefix=full_name)
+            shard_ids: Tuple[Any, ...] = ("q", "k", "v")
+        else:
+            layer, why = _merged_layer(children, tp_size, quant_config, full_name)
+            shard_ids = tuple(range(len(names)))
+        if layer is None:
+            return why
+        _install(parent, names, shard_ids, layer, children, fused_name)
+        packed[fused_name] = names
+        counts[kind] += 1
+        return ""
+
     for qualname, parent in list(model.named_modules()):
-        where = f"{prefix}.{qualname}" if qualname else prefix
-        children, why = _siblings(parent, QKV_NAMES, tp_size)
-        if children is not None:
-            layer, why = _qkv_layer(parent, *children, head_size=head_size, tp_size=tp_size, prefix=where)
-            if layer is not None:
-                _install(parent, QKV_NAMES, ("q", "k", "v"), layer, children)
-                counts["qkv"] += 1
-        if why:
-            skipped[f"q/k/v: {why}"] = skipped.get(f"q/k/v: {why}", 0) + 1
-        for names in MERGED_NAMES:
-            children, why = _siblings(parent, names, tp_size)
-            if children is not None:
-                layer, why = _merged_layer(children, tp_size, where)
-                if layer is not None:
-                    _install(parent, names, tuple(range(len(names))), layer, children)
-                    counts["gate_up"] += 1
+        where = ".".join(p for p in (prefix, qualname) if p)
+        groups = [(QKV_NAMES, QKV_FUSED_NAME, "qkv")] + [(names, fused, "gate_up") for names, fused in MERGED_GROUPS]
+        for names, fused_name, kind in groups:
+            why = try_fuse(parent, where, names, fused_name, kind)
             if why:
                 key = f"{'/'.join(names)}: {why}"
                 skipped[key] = skipped.get(key, 0) + 1
     for reason, n in skipped.items():
         logger.info("projection fusion: %d module(s) left unfused (%s)", n, reason)
-    logger.info("projection fusion: %d q/k/v and %d gate/up groups fused", counts["qkv"], counts["gate_up"])
+    logger.info("projection fusion: %d q/k/v and %d gate/up groups fused%s", counts["qkv"], counts["gate_up"],
+                f" ({type(quant_config).__name__})" if quant_config is not None else "")
     return counts
 
 

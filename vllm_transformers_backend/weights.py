@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Pattern, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Pattern, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +21,24 @@ _COMPUTED_BUFFERS = (r"\.rotary_emb\.inv_freq$", r"(^|\.)rotary_emb\.", r"\.attn
 
 class WeightsLoadingError(ValueError):
     """The checkpoint and the model do not correspond."""
+
+
+class StackedShard(NamedTuple):
+    """A module fused into a vLLM layer: that layer's name, the shard id its tensors load as, and the
+    checkpoint shapes its tensors must have (empty: the layer's loader checks them)."""
+
+    fused: str
+    shard_id: Any
+    shapes: Dict[str, Tuple[int, ...]]
+
+
+class Resolution(NamedTuple):
+    """Where a checkpoint tensor goes: the model name (None: skipped or unmapped), the shard id when that
+    is a fused layer's parameter, and whether the tensor is unexpected (maps nowhere, no rule skips it)."""
+
+    target: Optional[str]
+    shard: Optional[StackedShard]
+    unexpected: bool
 
 
 @dataclass
@@ -46,6 +64,8 @@ class WeightsMapper:
     ignore_unexpected: List[Pattern] = field(default_factory=list)
     #: Predicates with the same role as ``ignore_unexpected`` (rules a regex says badly).
     ignore_unexpected_fns: List[Callable[[str], bool]] = field(default_factory=list)
+    #: Module name of a fused sibling (``model.layers.0.self_attn.q_proj``) -> where its tensors load.
+    stacked: Dict[str, StackedShard] = field(default_factory=dict)
 
     def add_rename(self, pattern: str, replacement: str) -> None:
         self.renames.append((re.compile(pattern), replacement))
@@ -73,20 +93,27 @@ class WeightsMapper:
                 found.append(model_prefix + name[len(ckpt_prefix):])
         return found
 
-    def resolve(self, name: str, targets: Set[str] | Dict[str, object]) -> Tuple[Optional[str], bool]:
-        """``(target, unexpected)``: the model name ``name`` loads into (None when skipped or unmapped), and
-        whether it is an unexpected key (maps nowhere and no rule ignores it)."""
+    def resolve(self, name: str, targets: Set[str] | Dict[str, object]) -> Resolution:
+        """Where ``name`` loads (see :class:`Resolution`)."""
         if self.is_ignored(name):
-            return None, False
-        target = self.map(name, targets)
-        return target, target is None and not self.is_ignored_unexpected(name)
+            return Resolution(None, None, False)
+        target, shard = self.locate(name, targets)
+        return Resolution(target, shard, target is None and not self.is_ignored_unexpected(name))
 
     def map(self, name: str, targets: Set[str] | Dict[str, object]) -> Optional[str]:
         """The model name this checkpoint key loads into, or None if it maps nowhere."""
+        return self.locate(name, targets)[0]
+
+    def locate(self, name: str, targets: Set[str] | Dict[str, object]) -> Tuple[Optional[str], Optional[StackedShard]]:
+        """The model name this checkpoint key loads into and, for a fused sibling's tensor, its shard."""
         for candidate in self.candidates(name):
             if candidate in targets:
-                return candidate
-        return None
+                return candidate, None
+            module, _, param = candidate.rpartition(".")
+            shard = self.stacked.get(module)
+            if shard is not None and f"{shard.fused}.{param}" in targets:
+                return f"{shard.fused}.{param}", shard
+        return None, None
 
 
 def add_checkpoint_transforms(mapper: WeightsMapper, transforms: Sequence[object]) -> None:
@@ -176,8 +203,10 @@ def load_weights(
     buffers = dict(module.named_buffers())
     targets = {**buffers, **params}
     skip_set, loaded, unmapped = set(skip), set(), []
+    # Fused parameters are complete when every shard has loaded: (fused parameter) -> shard ids loaded.
+    shards_loaded: Dict[str, Set[Any]] = {}
     for name, tensor in weights:
-        target, unexpected = mapper.resolve(name, targets)
+        target, shard, unexpected = mapper.resolve(name, targets)
         if target is None:
             if unexpected:
                 unmapped.append(name)
@@ -188,11 +217,16 @@ def load_weights(
             param = params[target]
             loader = getattr(param, "weight_loader", _default_loader)
             try:
-                loader(param, tensor)
+                if shard is None:
+                    loader(param, tensor)
+                else:
+                    _check_shard_shape(shard, target, tensor)
+                    loader(param, tensor, shard.shard_id)
+                    shards_loaded.setdefault(target, set()).add(shard.shard_id)
             except (AssertionError, RuntimeError, WeightsLoadingError) as exc:
                 raise WeightsLoadingError(
                     f"checkpoint tensor {name!r} {tuple(tensor.shape)} does not fit parameter {target!r} "
-                    f"{tuple(param.shape)}: {exc}"
+                    f"{tuple(param.shape)}{_shard_note(shard)}: {exc}"
                 ) from exc
         else:
             buffer = buffers[target]
@@ -206,13 +240,42 @@ def load_weights(
             f"{_preview(unmapped)}. The checkpoint does not match the model's architecture, or it needs a "
             "renaming rule; parameters look like: " + _preview(sorted(params))
         )
-    missing = sorted(n for n in params if n not in loaded and n not in skip_set and n not in set(optional))
+    fused = {shard.fused for shard in mapper.stacked.values()}
+    missing = sorted(n for n in params if n not in loaded and n not in skip_set and n not in set(optional)
+                     and n.rpartition(".")[0] not in fused)
+    missing += _missing_shards(mapper, params, shards_loaded)
     if missing:
         raise WeightsLoadingError(
             f"{len(missing)} parameter(s) of {type(module).__name__} got no weights from the checkpoint: "
             f"{_preview(missing)}. The checkpoint is incomplete or saved under other names."
         )
     return loaded
+
+
+def _check_shard_shape(shard: StackedShard, target: str, tensor: torch.Tensor) -> None:
+    # vLLM's merged loaders narrow the tensor to the shard without checking its full size: a checkpoint
+    # tensor of the wrong shape must still be refused, as the unfused layer's loader does.
+    expected = shard.shapes.get(target.rpartition(".")[2])
+    if expected is not None and tuple(tensor.shape) != tuple(expected):
+        raise WeightsLoadingError(f"shape mismatch: checkpoint {tuple(tensor.shape)}, expected {expected}")
+
+
+def _shard_note(shard: Optional[StackedShard]) -> str:
+    return "" if shard is None else f" (shard {shard.shard_id!r} of the fused {shard.fused})"
+
+
+def _missing_shards(mapper: WeightsMapper, params: Dict[str, object], shards_loaded: Dict[str, Set[Any]]) -> List[str]:
+    """The fused siblings' parameters (by their own names) whose shard the checkpoint did not fill."""
+    by_module: Dict[str, List[str]] = {}
+    for name in params:
+        module, _, param = name.rpartition(".")
+        by_module.setdefault(module, []).append(param)
+    missing = []
+    for module, shard in sorted(mapper.stacked.items()):
+        for param in by_module.get(shard.fused, ()):
+            if shard.shard_id not in shards_loaded.get(f"{shard.fused}.{param}", ()):
+                missing.append(f"{module}.{param}")
+    return missing
 
 
 def _preview(names: Sequence[str], limit: int = 12) -> str:

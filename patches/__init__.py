@@ -22,6 +22,7 @@ from .engine_args import EngineArgsPatch
 from .hf_config import HFConfigPatch
 from .launcher import LauncherPatch
 from .llm import LLMPatch
+from .lora_layers import LoRALayersPatch
 from .model_architecture import ModelArchitecturePatch
 from .model_config import ModelConfigPatch
 from .model_loader import ModelLoaderPatch
@@ -41,6 +42,7 @@ PATCHES: List[Patch] = [
     TokenizerPatch(),
     LLMPatch(),
     LauncherPatch(),
+    LoRALayersPatch(),
     CpuEmbeddingPatch(),
     EmbeddingRunnerPatch(),
     PipelineParallelPatch(),

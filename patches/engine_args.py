@@ -4,7 +4,9 @@ vLLM 0.6.2 has no ``model_impl``, ``runner``/``task`` (embed, classify, score, r
 raises ``TypeError`` in ``EngineArgs``. This patch makes them fields of both dataclasses
 (``from_cli_args`` builds the object from ``dataclasses.fields``), validates them, and hands them to
 ``ModelConfig`` in ``create_model_config``. ``LLM.__init__`` forwards unknown keywords to ``EngineArgs``,
-so ``LLM`` needs nothing more.
+so ``LLM`` needs nothing more. ``create_engine_config`` also refuses, before any worker starts, what the
+backend cannot run on the engine's device (quantized checkpoints and LoRA on vLLM's CPU engine:
+:mod:`vllm_transformers_backend.engine_checks`).
 """
 from __future__ import annotations
 
@@ -41,10 +43,12 @@ def _field(name: str, default: Any) -> dataclasses.Field:
 
 class EngineArgsPatch(Patch):
     name = "engine_args"
-    target = "vllm.engine.arg_utils.EngineArgs (+ AsyncEngineArgs): model_impl, runner/task, override_pooler_config"
+    target = ("vllm.engine.arg_utils.EngineArgs (+ AsyncEngineArgs): model_impl, runner/task, override_pooler_config; "
+              "device requirements")
 
     wraps = (("vllm.engine.arg_utils:EngineArgs", "__init__"), ("vllm.engine.arg_utils:AsyncEngineArgs", "__init__"),
-             ("vllm.engine.arg_utils:EngineArgs", "create_model_config"))
+             ("vllm.engine.arg_utils:EngineArgs", "create_model_config"),
+             ("vllm.engine.arg_utils:EngineArgs", "create_engine_config"))
 
     def is_applied(self) -> bool:
         return super().is_applied() and all(name in self.owner(i).__dataclass_fields__
@@ -86,3 +90,15 @@ class EngineArgsPatch(Patch):
             return create_model_config
 
         wrap(engine_args, "create_model_config", self.name, make_create_model_config)
+
+        def make_create_engine_config(original):
+            def create_engine_config(self):
+                from vllm_transformers_backend.engine_checks import check_engine_config
+
+                config = original(self)
+                check_engine_config(config)
+                return config
+
+            return create_engine_config
+
+        wrap(engine_args, "create_engine_config", self.name, make_create_engine_config)

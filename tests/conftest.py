@@ -35,3 +35,21 @@ def smollm2_path():
     if path is None:
         pytest.fail("the bundled SmolLM2 is missing: run scripts/setup_cpu_env.sh (it prepares the models)")
     return path
+
+
+def _process_group():
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.utils import get_open_port
+
+    helpers.cleanup_engine()  # an engine that failed to start leaves its groups behind
+    init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{get_open_port()}",
+                                 local_rank=0, backend="gloo")
+    ensure_model_parallel_initialized(1, 1)
+    yield
+    helpers.cleanup_engine()
+
+
+#: vLLM's distributed state for one process (tensor and pipeline groups of size 1), for models built without
+#: an engine: per test, or shared by a module's tests (each set-up costs about a second).
+one_process_group = pytest.fixture(_process_group)
+module_process_group = pytest.fixture(scope="module")(_process_group)

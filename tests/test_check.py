@@ -187,7 +187,7 @@ def test_decoder_is_not_an_encoder(checkpoints, capsys):
     assert report["kind"] == "decoder" and report["runner"] == "generate"
 
 
-@pytest.mark.parametrize("method,status", [("awq", "warn"), ("hqq", "error")])
+@pytest.mark.parametrize("method,status", [("awq", "ok"), ("qqq", "warn"), ("gguf", "error"), ("hqq", "error")])
 def test_quantization_methods(checkpoints, tmp_path, capsys, method, status):
     path = _copy(checkpoints("llama"), tmp_path / method)
     config = json.loads((path / "config.json").read_text())

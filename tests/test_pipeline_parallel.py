@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 
-from tests.helpers import ARCHITECTURES, PROMPTS, Engine, cleanup_engine, require_architecture
+from tests.helpers import ARCHITECTURES, PROMPTS, Engine, require_architecture
 
 
 def require_pp_plan(name: str) -> None:
@@ -20,19 +20,6 @@ def require_pp_plan(name: str) -> None:
     if not getattr(transformers.CONFIG_MAPPING[config.model_type], "base_model_pp_plan", None):
         pytest.skip(f"transformers {transformers.__version__} declares no pp_plan for {config.model_type} "
                     "(pp plans exist from 4.49)")
-
-
-@pytest.fixture
-def one_process_group():
-    """vLLM's distributed state for one process (tensor and pipeline groups of size 1)."""
-    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
-    from vllm.utils import get_open_port
-
-    init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{get_open_port()}",
-                                 local_rank=0, backend="gloo")
-    ensure_model_parallel_initialized(1, 1)
-    yield
-    cleanup_engine()
 
 
 def _model_config(path, model_impl="transformers"):

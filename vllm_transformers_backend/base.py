@@ -22,7 +22,7 @@ from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.sequence import IntermediateTensors
 
-from . import compat, devices, fusion, pipeline, residual, rotary
+from . import compat, devices, fusion, lora, pipeline, quantization, residual, rotary
 from ._logging import get_logger
 from .attention import (ATTN_IMPLEMENTATION, AttentionContext, EncoderOnlyAttention, attention_context,
                         register_attention_function)
@@ -109,8 +109,11 @@ class Base(nn.Module):
                 f"{type(self).__name__} must be built by vLLM's model loader (the model_loader patch hands it "
                 "the ModelConfig); construct it through vllm.LLM(..., model_impl='transformers')."
             )
-        if lora_config is not None:
-            raise BackendError("LoRA is not supported by the Transformers backend on vLLM 0.6.2 yet.")
+        if lora_config is not None and not getattr(type(self), "supports_lora", False):
+            raise BackendError(f"{type(self).__name__} does not take LoRA adapters (the causal model does).")
+        refused = quantization.refusal(quant_config)
+        if refused:
+            raise BackendError(refused)
         register_attention_function()
 
         self.bundle: BackendConfig = bundle
@@ -118,6 +121,7 @@ class Base(nn.Module):
         self.text_config = compat.get_text_config(config)
         self.cache_config = cache_config
         self.quant_config = quant_config
+        self.lora_config = lora_config
         self.device = devices.current_device()
         self.dtype = torch.get_default_dtype()
         devices.check_dtype_supported(self.device, self.dtype)  # bf16 on an MLU370: error naming fp16
@@ -135,6 +139,13 @@ class Base(nn.Module):
         self._checkpoint_transforms = compat.checkpoint_transforms(hf_model)
         self._checkpoint_prefix, self.model = self._base_model_of(hf_model)
         self._check_attention_backend_support(hf_model)
+        if lora_config is not None:
+            problem = lora.check_supported(lora_config, self._checkpoint_prefix, self.hf_model_class.__name__)
+            if problem:
+                raise BackendError(f"LoRA: {problem}.")
+        #: Whether the input embedding and the LM head take LoRA (with vLLM's extra LoRA vocabulary).
+        self.vocabulary_lora = lora.vocabulary_lora(lora_config, compat.ties_word_embeddings(self.config),
+                                                    self.model.get_input_embeddings(), self._output_embedding_names)
         self.is_encoder = self._detect_encoder()
         if self.is_encoder:
             self._check_position_range()
@@ -142,7 +153,7 @@ class Base(nn.Module):
         self._tp_plan_map = collect_tp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
         self._replace_modules()
         fusion.fuse_projections(self.model, quant_config=self.quant_config, tp_size=self.tp_size,
-                                head_size=self.bundle.model_config.get_head_size())
+                                head_size=self.bundle.model_config.get_head_size(), prefix=self._checkpoint_prefix)
         # vLLM's activation kernels where they exist; the CPU engine keeps HF's exact math (tests compare)
         fusion.fuse_glu_activations(self.model, use_kernels=self.device.type != "cpu"
                                     and not devices.prefers_native_layer_forward(self.device))
@@ -151,6 +162,7 @@ class Base(nn.Module):
             residual.fuse_residual_norms(self.model, self.text_config.num_hidden_layers)
         self.attention_instances: Dict[int, Any] = self._create_attention_instances()
         self._post_init(hf_model)
+        self._declare_lora_modules()
         self._materialize_parameters()
         logger.info("Transformers backend: %s (HF %s) on %s, %d attention layers of head size %d",
                     type(self).__name__, type(self.model).__name__, self.device, len(self.attention_instances),
@@ -319,12 +331,12 @@ class Base(nn.Module):
                 new: Optional[nn.Module] = None
                 if isinstance(child, nn.Linear):
                     new = make_linear(child.in_features, child.out_features, child.bias is not None,
-                                      style_of(qualname), self.quant_config, f"model.{qualname}",
+                                      style_of(qualname), self.quant_config, self.checkpoint_name(qualname),
                                       kv_head_size=kv_size_for(child.out_features))
                 elif _is_conv1d(child):
                     in_features, out_features = child.weight.shape
                     new = make_linear(in_features, out_features, child.bias is not None, style_of(qualname),
-                                      self.quant_config, f"model.{qualname}", transposed_checkpoint=True,
+                                      self.quant_config, self.checkpoint_name(qualname), transposed_checkpoint=True,
                                       kv_head_size=kv_size_for(out_features))
                 else:
                     form = rms_norm_form(child)
@@ -338,9 +350,33 @@ class Base(nn.Module):
         walk(self.model, "")
         embedding = self.model.get_input_embeddings()
         if embedding is not None and not isinstance(embedding, pipeline.PPMissingLayer):
+            extra_rows = lora.extra_vocab_rows(self.lora_config)[0] if self.vocabulary_lora else 0
             self.model.set_input_embeddings(
-                make_embedding(embedding, self.quant_config, "model.embed_tokens")
+                make_embedding(embedding, self.quant_config, self.checkpoint_name(self._input_embedding_qualname()),
+                               extra_rows=extra_rows)
             )
+
+    def checkpoint_name(self, qualname: str) -> str:
+        """The checkpoint (HF) name of a module of the body: what quantization ignore lists are written in."""
+        return ".".join(part for part in (self._checkpoint_prefix, qualname) if part)
+
+    def _input_embedding_qualname(self) -> str:
+        embedding = self.model.get_input_embeddings()
+        return next((name for name, module in self.model.named_modules() if module is embedding), "embed_tokens")
+
+    def _declare_lora_modules(self) -> None:
+        """vLLM's LoRA attributes of this instance, from the layers built (see lora.py)."""
+        if not getattr(type(self), "supports_lora", False):
+            return
+        vocabulary = self._input_embedding_qualname().rpartition(".")[2] if self.vocabulary_lora else None
+        attributes, unsupported = lora.lora_attributes(self, "model", fusion.packed_modules_mapping(self.model),
+                                                       self.tp_size, vocabulary)
+        for name, value in attributes.items():
+            setattr(self, name, value)
+        if self.lora_config is not None:
+            logger.info("LoRA: adapters may target %s%s", ", ".join(
+                n for m in attributes["supported_lora_modules"] for n in attributes["packed_modules_mapping"].get(m, [m])),
+                f"; not {', '.join(unsupported)} (no LoRA layer for their vLLM layers)" if unsupported else "")
 
     def _attention_modules(self) -> Dict[int, nn.Module]:
         return {module.layer_idx: module for _, module in named_attention_modules(self.model)}
@@ -356,6 +392,7 @@ class Base(nn.Module):
         num_kv_heads = max(1, total_kv_heads // self.tp_size)
         softcap = getattr(text_config, "attn_logit_softcapping", None)
         modules = self._attention_modules()
+        names = {id(module): name for name, module in named_attention_modules(self.model)}
         self._check_sliding_window()
         instances: Dict[int, Attention] = {}
         for idx in range(self.start_layer, self.end_layer):
@@ -371,7 +408,8 @@ class Base(nn.Module):
             try:
                 instances[idx] = Attention(
                     num_heads, head_size, scale, num_kv_heads=num_kv_heads, cache_config=self.cache_config,
-                    quant_config=self.quant_config, logits_soft_cap=softcap, prefix=f"model.layers.{idx}.attn",
+                    quant_config=self.quant_config, logits_soft_cap=softcap,
+                    prefix=self.checkpoint_name(f"{names.get(id(module), f'layers.{idx}')}.attn"),
                 )
                 if self.tp_size > 1 and _gathers_heads(module):
                     instances[idx] = GatheredHeadsAttention(instances[idx], total_heads, total_kv_heads, head_size)
@@ -524,6 +562,7 @@ class Base(nn.Module):
         mapper = build_weights_mapper(self.hf_model_class, self._checkpoint_prefix, self._output_embedding_names,
                                       self._checkpoint_transforms)
         mapper.stacked.update(fusion.stacked_shards(self))
+        quantization.add_checkpoint_rules(mapper, self.quant_config)
         return mapper
 
     def _skipped_weights(self) -> Tuple[str, ...]:
@@ -533,7 +572,9 @@ class Base(nn.Module):
         mapper = self.weights_mapper()
         if self._pp_missing_prefixes:
             weights = self._pipeline_local_weights(weights, mapper)
-        return load_weights(self, weights, mapper, skip=self._skipped_weights())
+        loaded = load_weights(self, weights, mapper, skip=self._skipped_weights())
+        quantization.finish_attention_loading(self.attention_instances.values())
+        return loaded
 
     def _pipeline_local_weights(self, weights: Iterable[Tuple[str, torch.Tensor]],
                                 mapper: WeightsMapper) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -165,9 +165,17 @@ def _check_quantization(report: Report, config: Any) -> bool:
     method = str(getattr(method, "value", method) or "unknown").lower()
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
-    if method in QUANTIZATION_METHODS:
+    from .quantization import REFUSED_METHODS, TESTED_METHODS
+
+    gpu_only = "needs a CUDA GPU (vLLM 0.6.2's quantized kernels; the CPU engine refuses it)"
+    if method in REFUSED_METHODS:
+        report.add("quantization", ERROR, f"{method}: not supported by the backend: {REFUSED_METHODS[method]}")
+    elif method in TESTED_METHODS:
+        report.add("quantization", OK, f"{method}: runs in the backend's vLLM layers (fused q/k/v and gate/up "
+                                       f"included), compared with native vLLM by the GPU tests; {gpu_only}")
+    elif method in QUANTIZATION_METHODS:
         report.add("quantization", WARN, f"{method}: vLLM 0.6.2 implements it and the backend hands vLLM's "
-                                         "quant_config to its linears; not covered by the backend's tests")
+                                         f"quant_config to its layers; not covered by the backend's tests; {gpu_only}")
     else:
         report.add("quantization", ERROR, f"{method}: vLLM 0.6.2 does not implement this method (it knows: "
                                           f"{', '.join(sorted(QUANTIZATION_METHODS))})")

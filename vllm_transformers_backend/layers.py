@@ -21,21 +21,23 @@ from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmb
 from . import devices
 
 
-class _TensorOutput:
+class TensorOutput:
+    """Mixin for a vLLM layer returning ``(output, bias)``: returns the output tensor, as HF modules expect."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         output, _ = super().forward(x)  # the bias comes back only with skip_bias_add, never set here
         return output
 
 
-class HFReplicatedLinear(_TensorOutput, ReplicatedLinear):
+class HFReplicatedLinear(TensorOutput, ReplicatedLinear):
     pass
 
 
-class HFColumnParallelLinear(_TensorOutput, ColumnParallelLinear):
+class HFColumnParallelLinear(TensorOutput, ColumnParallelLinear):
     pass
 
 
-class HFRowParallelLinear(_TensorOutput, RowParallelLinear):
+class HFRowParallelLinear(TensorOutput, RowParallelLinear):
     pass
 
 
@@ -43,7 +45,7 @@ class UnsupportedTPStyleError(ValueError):
     pass
 
 
-class HFKVHeadColumnParallelLinear(_TensorOutput, ColumnParallelLinear):
+class HFKVHeadColumnParallelLinear(TensorOutput, ColumnParallelLinear):
     """A column-parallel K or V projection with fewer KV heads than TP ranks.
 
     A plain ``ColumnParallelLinear`` would split one head's rows between ranks. vLLM's own
@@ -86,7 +88,7 @@ class HFKVHeadColumnParallelLinear(_TensorOutput, ColumnParallelLinear):
             "tensor_parallel_size <= the number of KV heads")
 
 
-class HFPackedColumnParallelLinear(_TensorOutput, ColumnParallelLinear):
+class HFPackedColumnParallelLinear(TensorOutput, ColumnParallelLinear):
     """``packed_colwise``: the output packs two projections (``gate_up_proj`` = [gate; up]); each rank keeps
     its slice of each half, in order, so that HF's ``chunk(2)`` of the output still splits gate from up."""
 
@@ -173,8 +175,9 @@ def make_linear(
                                                         quant_config=quant_config, prefix=prefix)
     else:
         layer = cls(in_features, out_features, bias=bias, quant_config=quant_config, prefix=prefix, **extra)
-    if transposed_checkpoint:
-        # Conv1D stores its weight as [in, out]; vLLM's loaders shard [out, in].
+    if transposed_checkpoint and getattr(layer, "weight", None) is not None:
+        # Conv1D stores its weight as [in, out]; vLLM's loaders shard [out, in]. (Packed quantized formats
+        # have no ``weight``: their tensors keep the method's own layout.)
         loader = layer.weight.weight_loader
         layer.weight.weight_loader = lambda param, loaded, *args: loader(param, loaded.t(), *args)
     return layer
@@ -280,14 +283,16 @@ class ScaledVocabParallelEmbedding(VocabParallelEmbedding):
         return super().forward(input_) * self.embed_scale
 
 
-def make_embedding(module: nn.Module, quant_config: Any, prefix: str) -> VocabParallelEmbedding:
+def make_embedding(module: nn.Module, quant_config: Any, prefix: str, extra_rows: int = 0) -> VocabParallelEmbedding:
+    """vLLM's vocabulary embedding for an HF input embedding; ``extra_rows``: zero rows after the checkpoint's
+    vocabulary (the tokens LoRA adapters may add, as vLLM's Llama sizes them)."""
     num, dim = module.weight.shape
     scale = getattr(module, "embed_scale", None)
     kwargs = dict(org_num_embeddings=num, quant_config=quant_config, prefix=prefix)
     if scale is not None:
         value = float(scale.item() if isinstance(scale, torch.Tensor) and not scale.is_meta else scale)
-        return ScaledVocabParallelEmbedding(num, dim, embed_scale=value, **kwargs)
-    return VocabParallelEmbedding(num, dim, **kwargs)
+        return ScaledVocabParallelEmbedding(num + extra_rows, dim, embed_scale=value, **kwargs)
+    return VocabParallelEmbedding(num + extra_rows, dim, **kwargs)
 
 
 def plan_regexes(plan: Dict[str, str]) -> list:

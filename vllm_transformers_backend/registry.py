@@ -46,6 +46,16 @@ def native_architecture_for(model_config: Any, architectures: list) -> str | Non
     return arch if ModelRegistry.is_embedding_model(arch) else None
 
 
+def runs_on_backend(model_config: Any) -> bool:
+    """Whether ``model_impl`` resolves to the backend for this config (``auto``: vLLM has no own
+    implementation of its architectures for its runner)."""
+    impl = getattr(model_config, "model_impl", "auto")
+    if impl in ("vllm", "transformers"):
+        return impl == "transformers"
+    architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
+    return native_architecture_for(model_config, architectures) is None
+
+
 def backend_class(model_config: Any) -> Type[nn.Module]:
     if pooling_task_of(model_config) in HEAD_TASKS:
         from .sequence_classification import TransformersForSequenceClassification
@@ -69,7 +79,7 @@ def resolve_model_architecture(model_config: Any, native: Callable[[Any], Tuple[
             f"vLLM 0.6.2 has no embedding implementation of {architectures}: runner='pooling' with "
             "model_impl='vllm' works only for its own embedding models. Use model_impl='transformers' (or 'auto')."
         )
-    if impl == "vllm" or (impl == "auto" and native_architecture_for(model_config, architectures)):
+    if not runs_on_backend(model_config):
         cls, arch = native(model_config)
         _log_choice(model_config, impl, f"vLLM's own {cls.__name__}", arch)
         return cls, arch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -33,6 +33,9 @@ class EngineRun:
     loaded_bytes: Optional[int]  # vLLM's "Loading model weights took" (device memory delta), GPU runner only
     norm_classes: Set[str]  # classes of the modules named ``*norm``
     speed_paths: Set[str]  # the backend's replacements that engaged: "residual", "act_and_mul", "rotary"
+    quantization: Optional[str] = None  # the method vLLM resolved (``gptq_marlin`` for a GPTQ checkpoint, ...)
+    quant_methods: Set[str] = field(default_factory=set)  # classes of the layers' quantization methods
+    lora_layers: Set[str] = field(default_factory=set)  # classes of the LoRA layers vLLM's manager installed
 
 
 def parameter_bytes(model: torch.nn.Module) -> Tuple[int, Set[str]]:
@@ -62,9 +65,11 @@ def speed_paths(model: torch.nn.Module) -> Set[str]:
 
 
 def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: Sequence[Sequence[int]],
-               max_tokens: int, logprobs: int = 5, **engine_kwargs: Any) -> EngineRun:
-    """Starts ``vllm.LLM`` on ``path``, generates greedily with top-``logprobs`` log-probabilities, records
-    the model's class and weight memory, and tears the engine down whatever happens."""
+               max_tokens: int, logprobs: int = 5, lora_requests: Optional[Sequence[Any]] = None,
+               **engine_kwargs: Any) -> EngineRun:
+    """Starts ``vllm.LLM`` on ``path``, generates greedily with top-``logprobs`` log-probabilities (one
+    ``LoRARequest`` or None per prompt with ``lora_requests``), records the model's class, layers and weight
+    memory, and tears the engine down whatever happens."""
     from vllm import LLM, SamplingParams
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
@@ -75,11 +80,15 @@ def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: 
         model = runner.model
         nbytes, devices = parameter_bytes(model)
         params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        extra = {} if lora_requests is None else {"lora_request": list(lora_requests)}
+        outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False, **extra)
         outputs = [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs)) for o in outs]
         norms = {type(m).__name__ for n, m in model.named_modules() if n.endswith("norm")}
+        modules = list(model.modules())
         return EngineRun(type(model).__name__, outputs, nbytes, devices, getattr(runner, "model_memory_usage", None),
-                         norms, speed_paths(model))
+                         norms, speed_paths(model), llm.llm_engine.model_config.quantization,
+                         {type(m.quant_method).__name__ for m in modules if getattr(m, "quant_method", None)},
+                         {type(m).__name__ for m in modules if type(m).__name__.endswith(("LoRA", "Lora"))})
     finally:
         del llm
         destroy_model_parallel()
@@ -156,3 +165,19 @@ def smollm2_path() -> Tuple[Optional[Path], str]:
         if (path / "config.json").is_file():
             return path, ""
     return None, "looked in " + ", ".join(map(str, candidates))
+
+
+def kernel_sized_checkpoint(arch: str, path: Path) -> Path:
+    """A tiny random float32 Llama (GQA, untied) or Qwen2 (one KV head, tied) whose linear sizes every
+    quantized and LoRA kernel takes (Marlin: n % 64, k % 128)."""
+    import transformers
+
+    common = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=1024, initializer_range=0.05)
+    if arch == "llama":
+        config = transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    else:
+        config = transformers.Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **common)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
+    return path

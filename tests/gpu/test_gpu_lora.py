@@ -1,0 +1,168 @@
+"""On a CUDA GPU: LoRA adapters through the backend match native vLLM 0.6.2 with the same adapters
+(``check_logprobs_close``, top-5, CUDA graphs on), two adapters and the base model in one batch
+(a ``LoRARequest`` or None per prompt), through ``LLM`` and through ``vllm serve --enable-lora --lora-modules``.
+
+Adapters are random PEFT files (tests/quantized.py). The Llama (untied) takes one adapter on all seven
+projections and one on q/k/v, down_proj, the input embedding and the LM head (vLLM's Llama allows LoRA on
+its vocabulary layers, and so does the backend for untied models); the Qwen2 (tied, q/k/v biases) takes
+adapters on its projections. Weight memory (before the LoRA manager adds its buffers) equals native's.
+
+Engines: 2 per architecture, and one `vllm serve` of the Llama.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+from tests.gpu.support import Output, check_logprobs_close, kernel_sized_checkpoint, run_engine
+from tests.quantized import write_lora_adapter
+
+MAX_TOKENS = 16
+BASE_PROMPTS = [[1, 15, 27, 300, 4000, 12, 7], [5], [900 + i for i in range(30)]]
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {"llama": [LINEARS, ["q_proj", "k_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"]],
+            "qwen2": [LINEARS, ["q_proj", "v_proj", "up_proj"]]}
+LORA_ARGS = dict(enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=512)
+
+
+def _word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer ("t0 t1 ...") so that `vllm serve` has one; the tests send token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu-lora")
+    cache: Dict[str, Tuple[Path, List[Path]]] = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            base = kernel_sized_checkpoint(arch, root / arch)
+            _word_tokenizer(base, 4096)
+            adapters = [write_lora_adapter(base, root / f"{arch}-{i}", targets, seed=i + 1, scale=0.1)
+                        for i, targets in enumerate(ADAPTERS[arch])]
+            cache[arch] = (base, adapters)
+        return cache[arch]
+
+    return get
+
+
+def _batch(adapters: List[Path]):
+    """Every base prompt with adapter 1, adapter 2 and none, interleaved in one batch."""
+    from vllm.lora.request import LoRARequest
+
+    requests = [LoRARequest(f"adapter{i + 1}", i + 1, str(path)) for i, path in enumerate(adapters)]
+    prompts, lora_requests = [], []
+    for prompt in BASE_PROMPTS:
+        for request in (requests[0], requests[1], None):
+            prompts.append(prompt)
+            lora_requests.append(request)
+    return prompts, lora_requests
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_two_adapters_and_base_in_one_batch_match_native(lora_setup, arch):
+    base, adapters = lora_setup(arch)
+    prompts, lora_requests = _batch(adapters)
+    native = run_engine(base, "vllm", False, prompts, MAX_TOKENS, lora_requests=lora_requests, **LORA_ARGS)
+    backend = run_engine(base, "transformers", False, prompts, MAX_TOKENS, lora_requests=lora_requests,
+                         **LORA_ARGS)
+    assert backend.model_class == "TransformersForCausalLM"
+    expected_layers = {"MergedQKVParallelLinearWithLora", "MergedColumnParallelLinearWithLoRA",
+                       "HFRowParallelLinearWithLoRA"}
+    if arch == "llama":
+        expected_layers |= {"VocabParallelEmbeddingWithLoRA", "LogitsProcessorWithLoRA"}
+    assert backend.lora_layers == expected_layers, backend.lora_layers
+    assert backend.parameter_bytes == native.parameter_bytes
+    assert abs(backend.loaded_bytes - native.loaded_bytes) <= 1 << 20, (backend.loaded_bytes, native.loaded_bytes)
+    same = check_logprobs_close(native.outputs, backend.outputs, "native", "backend")
+    # The adapters change the generations (else matching native would prove little).
+    for i in range(0, len(prompts), 3):
+        with_adapter = [backend.outputs[i][0], backend.outputs[i + 1][0]]
+        assert all(tokens != backend.outputs[i + 2][0] for tokens in with_adapter), f"prompt {i // 3}"
+    print(f"{arch}: {same}/{len(prompts)} requests token-identical over {MAX_TOKENS} tokens")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _complete(base_url: str, model: str, prompt: List[int]) -> Output:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 5,
+            "ignore_eos": True}
+    request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        logprobs = json.loads(response.read())["choices"][0]["logprobs"]
+
+    def token_id(text: str) -> int:  # --return-tokens-as-token-ids: "token_id:123"
+        return int(text.rpartition(":")[2])
+
+    tokens = [token_id(t) for t in logprobs["tokens"]]
+    tops = [{token_id(t): lp for t, lp in top.items()} for top in logprobs["top_logprobs"]]
+    return tokens, tops
+
+
+def test_vllm_serve_with_lora_modules(lora_setup, tmp_path):
+    """`vllm serve --enable-lora --lora-modules` on the backend answers each adapter's requests (sent
+    concurrently, so adapters share batches) as the backend's LLM does."""
+    base, adapters = lora_setup("llama")
+    prompts, lora_requests = _batch(adapters)
+    reference = run_engine(base, "transformers", False, prompts, MAX_TOKENS, lora_requests=lora_requests,
+                           **LORA_ARGS)
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+               "--model-impl", "transformers", "--host", "127.0.0.1", "--port", str(port),
+               "--served-model-name", "base", "--dtype", "bfloat16", "--max-model-len", "512",
+               "--gpu-memory-utilization", "0.3", "--num-gpu-blocks-override", "512", "--max-num-seqs", "8",
+               "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8", "--return-tokens-as-token-ids",
+               "--lora-modules", f"adapter1={adapters[0]}", f"adapter2={adapters[1]}"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 300
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"server exited with {process.returncode}: {log_path.read_text()[-3000:]}")
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        pytest.fail("server not ready within 300 s")
+                    time.sleep(1)
+            models = {r.lora_name if r is not None else "base" for r in lora_requests}
+            with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+                jobs = [pool.submit(_complete, url, r.lora_name if r is not None else "base", p)
+                        for p, r in zip(prompts, lora_requests)]
+                served = [job.result() for job in jobs]
+        finally:
+            os.killpg(process.pid, 15)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+    assert "TransformersForCausalLM" in log_path.read_text() and models == {"base", "adapter1", "adapter2"}
+    same = check_logprobs_close(reference.outputs, served, "LLM", "served")
+    print(f"vllm serve: {same}/{len(prompts)} requests token-identical with the backend's LLM")

@@ -169,9 +169,13 @@ def test_adapters_through_vllms_lora_manager_equal_merged_hf(lora_files, module_
     wrapped = manager.create_lora_manager(model)
     assert wrapped is model
     layers = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, BaseLayerWithLoRA)}
-    expected_kinds = ({"MergedQKVParallelLinearWithLora", "MergedColumnParallelLinearWithLoRA"} if fused
-                      else {"HFColumnParallelLinearWithLoRA", "HFReplicatedLinearWithLoRA"})
-    assert expected_kinds & set(layers.values()), layers
+    # At TP=1 the backend's linears are replicated (no tp_plan styles apply): vLLM's replicated LoRA layer
+    # returning the tensor; fused groups get vLLM's own merged LoRA layers.
+    expected_kinds = {"HFReplicatedLinearWithLoRA"} | (
+        {"MergedQKVParallelLinearWithLora", "MergedColumnParallelLinearWithLoRA"} if fused else set())
+    if arch == "llama":
+        expected_kinds |= {"VocabParallelEmbeddingWithLoRA", "LogitsProcessorWithLoRA"}
+    assert set(layers.values()) == expected_kinds, layers
     if arch == "llama":
         assert layers["logits_processor"] == "LogitsProcessorWithLoRA"
         assert layers["model.embed_tokens"] == "VocabParallelEmbeddingWithLoRA"

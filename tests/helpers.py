@@ -219,9 +219,12 @@ def vllm_server(model: Path | str, args: Sequence[str], log_path: Path, ready_wi
 
     port = _free_port()
     vllm_cli = Path(sys.executable).parent / "vllm"
+    # The GPU host runs vLLM from a staged site without console scripts: the same server as a module.
+    command = ([str(vllm_cli), "serve", str(model)] if vllm_cli.is_file()
+               else [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)])
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(vllm_cli), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args],
+            [*command, "--host", "127.0.0.1", "--port", str(port), *args],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"},
             start_new_session=True,
         )

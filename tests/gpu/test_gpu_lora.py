@@ -7,24 +7,20 @@ projections and one on q/k/v, down_proj, the input embedding and the LM head (vL
 its vocabulary layers, and so does the backend for untied models); the Qwen2 (tied, q/k/v biases) takes
 adapters on its projections. Weight memory (before the LoRA manager adds its buffers) equals native's.
 
-Engines: 2 per architecture, and one `vllm serve` of the Llama.
+Engines: 2 per architecture (shared by the tests), and one `vllm serve` of the Llama.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
 
-from tests.gpu.support import Output, check_logprobs_close, kernel_sized_checkpoint, run_engine
+from tests.gpu.support import EngineRun, Output, check_logprobs_close, kernel_sized_checkpoint, run_engine
+from tests.helpers import vllm_server
 from tests.quantized import write_lora_adapter
 
 MAX_TOKENS = 16
@@ -76,13 +72,25 @@ def _batch(adapters: List[Path]):
     return prompts, lora_requests
 
 
+@pytest.fixture(scope="module")
+def lora_runs(lora_setup):
+    """``lora_runs(arch, impl)`` -> the engine run of the interleaved batch (once per module)."""
+    cache: Dict[Tuple[str, str], EngineRun] = {}
+
+    def get(arch: str, impl: str) -> EngineRun:
+        if (arch, impl) not in cache:
+            base, adapters = lora_setup(arch)
+            prompts, lora_requests = _batch(adapters)
+            cache[arch, impl] = run_engine(base, impl, False, prompts, MAX_TOKENS, lora_requests=lora_requests,
+                                           **LORA_ARGS)
+        return cache[arch, impl]
+
+    return get
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_two_adapters_and_base_in_one_batch_match_native(lora_setup, arch):
-    base, adapters = lora_setup(arch)
-    prompts, lora_requests = _batch(adapters)
-    native = run_engine(base, "vllm", False, prompts, MAX_TOKENS, lora_requests=lora_requests, **LORA_ARGS)
-    backend = run_engine(base, "transformers", False, prompts, MAX_TOKENS, lora_requests=lora_requests,
-                         **LORA_ARGS)
+def test_two_adapters_and_base_in_one_batch_match_native(lora_runs, arch):
+    native, backend = lora_runs(arch, "vllm"), lora_runs(arch, "transformers")
     assert backend.model_class == "TransformersForCausalLM"
     # o_proj/down_proj: at TP=1 the backend's linears are replicated (vLLM's replicated LoRA layer returning
     # the tensor); the fused groups get vLLM's own merged LoRA layers.
@@ -95,16 +103,10 @@ def test_two_adapters_and_base_in_one_batch_match_native(lora_setup, arch):
     assert abs(backend.loaded_bytes - native.loaded_bytes) <= 1 << 20, (backend.loaded_bytes, native.loaded_bytes)
     same = check_logprobs_close(native.outputs, backend.outputs, "native", "backend")
     # The adapters change the generations (else matching native would prove little).
-    for i in range(0, len(prompts), 3):
+    for i in range(0, len(backend.outputs), 3):
         with_adapter = [backend.outputs[i][0], backend.outputs[i + 1][0]]
         assert all(tokens != backend.outputs[i + 2][0] for tokens in with_adapter), f"prompt {i // 3}"
-    print(f"{arch}: {same}/{len(prompts)} requests token-identical over {MAX_TOKENS} tokens")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    print(f"{arch}: {same}/{len(backend.outputs)} requests token-identical over {MAX_TOKENS} tokens")
 
 
 def _complete(base_url: str, model: str, prompt: List[int]) -> Output:
@@ -123,48 +125,23 @@ def _complete(base_url: str, model: str, prompt: List[int]) -> Output:
     return tokens, tops
 
 
-def test_vllm_serve_with_lora_modules(lora_setup, tmp_path):
+def test_vllm_serve_with_lora_modules(lora_setup, lora_runs, tmp_path):
     """`vllm serve --enable-lora --lora-modules` on the backend answers each adapter's requests (sent
     concurrently, so adapters share batches) as the backend's LLM does."""
     base, adapters = lora_setup("llama")
     prompts, lora_requests = _batch(adapters)
-    reference = run_engine(base, "transformers", False, prompts, MAX_TOKENS, lora_requests=lora_requests,
-                           **LORA_ARGS)
-    port = _free_port()
+    reference = lora_runs("llama", "transformers")
     log_path = tmp_path / "server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-               "--model-impl", "transformers", "--host", "127.0.0.1", "--port", str(port),
-               "--served-model-name", "base", "--dtype", "bfloat16", "--max-model-len", "512",
-               "--gpu-memory-utilization", "0.3", "--num-gpu-blocks-override", "512", "--max-num-seqs", "8",
-               "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8", "--return-tokens-as-token-ids",
-               "--lora-modules", f"adapter1={adapters[0]}", f"adapter2={adapters[1]}"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 300
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"server exited with {process.returncode}: {log_path.read_text()[-3000:]}")
-                try:
-                    urllib.request.urlopen(f"{url}/health", timeout=2)
-                    break
-                except OSError:
-                    if time.time() > deadline:
-                        pytest.fail("server not ready within 300 s")
-                    time.sleep(1)
-            models = {r.lora_name if r is not None else "base" for r in lora_requests}
-            with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-                jobs = [pool.submit(_complete, url, r.lora_name if r is not None else "base", p)
-                        for p, r in zip(prompts, lora_requests)]
-                served = [job.result() for job in jobs]
-        finally:
-            os.killpg(process.pid, 15)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
+    args = ["--model-impl", "transformers", "--served-model-name", "base", "--dtype", "bfloat16",
+            "--max-model-len", "512", "--gpu-memory-utilization", "0.3", "--num-gpu-blocks-override", "512",
+            "--max-num-seqs", "8", "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
+            "--return-tokens-as-token-ids", "--lora-modules", f"adapter1={adapters[0]}", f"adapter2={adapters[1]}"]
+    with vllm_server(base, args, log_path, ready_within=300) as url:
+        models = {r.lora_name if r is not None else "base" for r in lora_requests}
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            jobs = [pool.submit(_complete, url, r.lora_name if r is not None else "base", p)
+                    for p, r in zip(prompts, lora_requests)]
+            served = [job.result() for job in jobs]
     assert "TransformersForCausalLM" in log_path.read_text() and models == {"base", "adapter1", "adapter2"}
     same = check_logprobs_close(reference.outputs, served, "LLM", "served")
     print(f"vllm serve: {same}/{len(prompts)} requests token-identical with the backend's LLM")

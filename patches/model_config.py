@@ -7,10 +7,13 @@ itself only sets for architectures in its ``_EMBEDDING_MODELS``: the scheduler t
 blocks and the GPU worker picks ``EmbeddingModelRunner`` (the CPU one: the cpu_embedding patch).
 A pooling engine also records its ``pooling_task`` (embed, classify, score or reward; see
 ``options.pooling_task``), which picks the backend's model class and the default of its outputs.
+For models the backend windows per layer, vLLM's engine-wide sliding window is turned off after ``__init__``
+(``vllm_transformers_backend.sliding_window.model_config_scope``).
 """
 from __future__ import annotations
 
 from vllm_transformers_backend.options import default_runner, pooling_task
+from vllm_transformers_backend.sliding_window import model_config_scope
 
 from ._base import Patch, wrap
 from .engine_args import PENDING_OPTIONS, validated_options
@@ -33,7 +36,8 @@ class ModelConfigPatch(Patch):
                     options = validated_options(model_impl, runner, task, override_pooler_config)
                 self.model_impl = options["model_impl"]
                 self.override_pooler_config = options["override_pooler_config"]
-                original(self, *args, **kwargs)
+                with model_config_scope(self, original, args, kwargs):  # per-layer windows: no global one
+                    original(self, *args, **kwargs)
                 runner_choice = options["runner"]
                 architectures = list(getattr(self.hf_config, "architectures", None) or [])
                 if runner_choice == "auto":

@@ -9,6 +9,12 @@ RoPE reads ``{"rope_type": "default", "rope_theta": ...}`` and models with per-l
 per layer type. vLLM 0.6.2 treats any non-None ``rope_scaling`` as a scaling method: its max-length
 check asserts ``"factor" in rope_scaling`` and ``get_rope`` raises on the unknown type. Both now see
 None where the parameters describe unscaled RoPE (or per-layer dicts, which no native model handles).
+
+The max-length check has one more caller-side adjustment (this patch owns the wrapper of that target):
+vLLM turns Gemma 2's sliding window off and caps ``max_model_len`` to it; for a model the backend windows
+per layer (``vllm_transformers_backend.sliding_window``) the length is checked as if the window were on, so
+the model keeps its context, unless the user asked for ``disable_sliding_window``. ``ModelConfig.__init__``
+passes every argument by keyword.
 """
 from __future__ import annotations
 
@@ -40,17 +46,23 @@ class _RopeView:
 
 class RopePatch(Patch):
     name = "rope"
-    target = "vllm.config._get_and_verify_max_len and rotary_embedding.get_rope: transformers-5 rope_parameters"
+    target = ("vllm.config._get_and_verify_max_len and rotary_embedding.get_rope: transformers-5 rope_parameters; "
+              "no Gemma 2 length cap for per-layer windows")
 
     wraps = (("vllm.config", "_get_and_verify_max_len"), ("vllm.model_executor.layers.rotary_embedding", "get_rope"))
 
     def _apply(self) -> None:
+        from vllm_transformers_backend.sliding_window import keeps_full_context
+
         config, rotary = self.owner(0), self.owner(1)
-        require_parameters(config._get_and_verify_max_len, ["hf_config", "max_model_len"], self.target)
+        require_parameters(config._get_and_verify_max_len, ["hf_config", "max_model_len", "disable_sliding_window"],
+                           self.target)
         require_parameters(rotary.get_rope, ["rope_scaling", "base"], self.target)
 
         def make_max_len(original):
             def _get_and_verify_max_len(hf_config, *args, **kwargs):
+                if kwargs.get("disable_sliding_window") and keeps_full_context():
+                    kwargs["disable_sliding_window"] = False
                 return original(_RopeView(hf_config), *args, **kwargs)
 
             return _get_and_verify_max_len

@@ -22,7 +22,7 @@ from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.sequence import IntermediateTensors
 
-from . import compat, devices, fusion, lora, pipeline, quantization, residual, rotary
+from . import compat, devices, fusion, lora, pipeline, quantization, residual, rotary, sliding_window
 from ._logging import get_logger
 from .attention import (ATTN_IMPLEMENTATION, AttentionContext, EncoderOnlyAttention, attention_context,
                         register_attention_function)
@@ -30,6 +30,7 @@ from .config import BackendConfig, current_backend_config
 from .layers import GatheredHeadsAttention, make_embedding, make_linear, make_rms_norm, rms_norm_form
 from .tp_plan import TPPlan, collect_tp_plan, describe
 from .weights import WeightsMapper, build_weights_mapper, load_weights
+from .windowed_attention import WindowedAttention
 
 logger = get_logger(__name__)
 
@@ -382,6 +383,8 @@ class Base(nn.Module):
         return {module.layer_idx: module for _, module in named_attention_modules(self.model)}
 
     def _create_attention_instances(self) -> Dict[int, Any]:
+        # Per layer, the window the backend applies itself (sliding_window.py); None: vLLM's Attention as is.
+        windows = self._layer_windows()
         if self.is_encoder:
             return {idx: EncoderOnlyAttention(idx) for idx in sorted(self._attention_modules())}
         model_config = self.bundle.model_config
@@ -393,7 +396,6 @@ class Base(nn.Module):
         softcap = getattr(text_config, "attn_logit_softcapping", None)
         modules = self._attention_modules()
         names = {id(module): name for name, module in named_attention_modules(self.model)}
-        self._check_sliding_window()
         instances: Dict[int, Attention] = {}
         for idx in range(self.start_layer, self.end_layer):
             module = modules.get(idx)
@@ -411,8 +413,12 @@ class Base(nn.Module):
                     quant_config=self.quant_config, logits_soft_cap=softcap,
                     prefix=self.checkpoint_name(f"{names.get(id(module), f'layers.{idx}')}.attn"),
                 )
+                if windows[idx] is not None:
+                    instances[idx] = WindowedAttention(instances[idx], windows[idx])
                 if self.tp_size > 1 and _gathers_heads(module):
                     instances[idx] = GatheredHeadsAttention(instances[idx], total_heads, total_kv_heads, head_size)
+            except BackendError:
+                raise
             except (ValueError, NotImplementedError) as exc:
                 if softcap is not None:
                     raise BackendError(
@@ -423,18 +429,20 @@ class Base(nn.Module):
                 raise
         return instances
 
-    def _check_sliding_window(self) -> None:
-        window = getattr(self.text_config, "sliding_window", None)
-        layer_types = getattr(self.text_config, "layer_types", None)
-        if not window or not layer_types or len(set(layer_types)) == 1:
-            return
-        max_len = self.bundle.model_config.max_model_len
-        if max_len > window:
-            raise BackendError(
-                f"{type(self.model).__name__} interleaves sliding-window ({window}) and full attention layers; "
-                f"vLLM 0.6.2 applies one window to every layer. Set max_model_len <= {window} (then the window "
-                f"never applies), it is {max_len} now."
-            )
+    def _layer_windows(self) -> List[Optional[int]]:
+        windows = sliding_window.backend_windows(self.bundle.model_config, self.text_config, self.cache_config)
+        name = type(self.model).__name__
+        sliding_window.check_module_windows(self._attention_modules(), sliding_window.layer_windows(self.text_config),
+                                            name)
+        shortest = min((w for w in windows if w is not None), default=None)
+        if shortest is not None and self.is_encoder:
+            raise BackendError(f"{name} is a bidirectional encoder with sliding-window layers ({shortest}); the "
+                               f"backend's encoder attention has no window. Set max_model_len <= {shortest}.")
+        if shortest is not None:
+            logger.info("per-layer sliding windows at max_model_len %d, applied by the backend: %s",
+                        self.bundle.model_config.max_model_len,
+                        "; ".join(sliding_window.describe(windows, getattr(self.text_config, "layer_types", None))))
+        return windows
 
     def _post_init(self, hf_model: nn.Module) -> None:
         """Hook for subclasses (heads) before parameters are allocated."""

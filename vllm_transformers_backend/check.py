@@ -121,6 +121,7 @@ def _check(report: Report, path: Path, tp: int, pp: int, trust_remote_code: bool
     report.hf_class, report.body_class = type(hf_model).__name__, type(body).__name__
     _report_kind(report, kind, kind_detail)
     _check_attention(report, hf_model, body, text_config, interface_error)
+    _check_sliding_windows(report, text_config)
     from .pipeline import collect_pp_plan
     from .tp_plan import collect_tp_plan
 
@@ -357,6 +358,37 @@ def _check_attention(report: Report, hf_model: Any, body: Any, text_config: Any,
     else:
         report.add("attention interface", OK, f"all {len(expected)} layers call the 'vllm' attention function "
                    f"(_supports_attention_backend {flag_text})", rows)
+
+
+def _check_sliding_windows(report: Report, text_config: Any) -> None:
+    """The windows the backend applies, per layer type (sliding_window.py decides the same way at load)."""
+    from .sliding_window import SlidingWindowError, describe, layer_windows, needs_per_layer, vllm_global_window
+
+    try:
+        windows = layer_windows(text_config)
+    except SlidingWindowError as exc:
+        report.add("sliding window", ERROR, str(exc))
+        return
+    vllm_window = vllm_global_window(text_config)
+    if not any(windows) and vllm_window is None:
+        return
+    rows = describe(windows, getattr(text_config, "layer_types", None))
+    shortest = min((w for w in windows if w), default=None)
+    if not needs_per_layer(windows, vllm_window):
+        detail, status = f"one window ({shortest}) for every layer: vLLM's own sliding-window mechanism applies it", OK
+    elif shortest is None:
+        detail, status = (f"no layer slides, though vLLM would apply its window ({vllm_window}) to every layer: the "
+                          "backend turns vLLM's window off"), OK
+    elif report.kind == "encoder":
+        detail, status = (f"bidirectional layers with a window ({shortest}): the backend's encoder attention has "
+                          f"none, so it runs only at max_model_len <= {shortest}"), WARN
+    else:
+        detail, status = ("per layer, at the model's full context: vLLM's engine-wide window is off (the KV cache "
+                          "keeps every token); a layer whose window is shorter than max_model_len attends through "
+                          "FlashAttention's window (CUDA, bf16/fp16) or the backend's attention over vLLM's paged "
+                          "cache (XFormers, the CPU); other attention backends (FlashInfer) need max_model_len <= "
+                          f"{shortest}"), OK
+    report.add("sliding window", status, detail, rows)
 
 
 def _probe_dispatch(report: Report, body: Any, encoder: bool) -> Optional[Set[int]]:

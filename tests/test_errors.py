@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from packaging.version import Version
 
-from tests.helpers import PROMPTS, Engine, vllm_greedy
+from tests.helpers import Engine
 
 
 def test_transformers_older_than_4_48_is_refused(monkeypatch, checkpoints):
@@ -31,20 +31,25 @@ def test_attention_softcap_without_a_capable_backend(tmp_path):
             pass
 
 
-def test_interleaved_sliding_window_beyond_max_len(tmp_path):
+def test_bidirectional_sliding_window_beyond_max_len(tmp_path):
+    """An encoder whose layers have windows (EmbeddingGemma-style Gemma 3): the backend's encoder attention has
+    none, so it runs only where the window never applies. (Decoders apply their windows: test_sliding_window.)"""
     from tests.helpers import require_architecture
 
     require_architecture("gemma3")
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    import transformers
+    from transformers import Gemma3TextConfig, Gemma3TextModel
 
     config = Gemma3TextConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=32,
-                              max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"])
+                              max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"],
+                              use_bidirectional_attention=True)
+    if config.sliding_window == 32:  # releases without it keep the window as given (and attend causally)
+        pytest.skip(f"transformers {transformers.__version__}'s Gemma 3 has no bidirectional attention")
     torch.manual_seed(0)
-    Gemma3ForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(Exception, match="Set max_model_len <= 32"):
-        with Engine(tmp_path, "transformers", max_model_len=128):
+    Gemma3TextModel(config).save_pretrained(tmp_path)
+    with pytest.raises(Exception, match=r"bidirectional encoder with sliding-window layers \((\d+)\).*"
+                                        r"max_model_len <= \1"):
+        with Engine(tmp_path, "transformers", runner="pooling", max_model_len=128):
             pass
-    with Engine(tmp_path, "transformers", max_model_len=32) as llm:  # the window never applies: allowed
-        assert len(vllm_greedy(llm, PROMPTS[:1], 4)[0]) == 4

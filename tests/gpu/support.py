@@ -99,12 +99,14 @@ def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: 
 
 
 def hf_top_logprobs(path: Path | str, prompts: Sequence[Sequence[int]], max_tokens: int, dtype: torch.dtype,
-                    device: str, k: int = 5) -> Tuple[List[Output], int]:
+                    device: str, k: int = 5, **model_kwargs: Any) -> Tuple[List[Output], int]:
     """HF ``generate`` (greedy, one prompt at a time: no padding) with each step's raw logits turned into
-    top-``k`` log-probabilities; also returns the HF model's parameter bytes."""
+    top-``k`` log-probabilities; also returns the HF model's parameter bytes. ``model_kwargs`` go to
+    ``from_pretrained`` (e.g. ``attn_implementation``)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype,
+                                                              **model_kwargs).to(device).eval()
     model.generation_config.eos_token_id = None  # like ignore_eos: every requested step runs
     outputs: List[Output] = []
     try:

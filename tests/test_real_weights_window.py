@@ -7,6 +7,7 @@ model has not been prepared.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,10 @@ def test_gemma3_270m_long_context_equals_hf(gemma3_270m):
     assert len(ids) > 2000, "the README is shorter than the prompt this test needs"
     prompts = [ids[:2000], ids[:600], ids[:30]]  # the first two reach past the 512-token window
     expected = [_hf(gemma3_270m, p) for p in prompts]
-    # the reference applies the window: without it the long prompt is scored differently
-    _, unwindowed = _hf(gemma3_270m, prompts[0], window=4096)
+    assert all(math.isfinite(v) for _, logprobs in expected for v in logprobs)
+    # the reference applies the window: with one that never applies, the long prompt is scored differently
+    _, unwindowed = _hf(gemma3_270m, prompts[0], window=len(prompts[0]) + MAX_TOKENS)
+    assert all(math.isfinite(v) for v in unwindowed)
     assert max(abs(a - b) for a, b in zip(unwindowed, expected[0][1])) > 1e-3
 
     with Engine(gemma3_270m, "transformers", max_model_len=4096, skip_tokenizer_init=False) as llm:

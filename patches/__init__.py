@@ -8,9 +8,10 @@ error here and re-checked, loudly, by the backend's constructor (:func:`ensure_a
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
+
+from vllm_transformers_backend import envs
 
 from ._base import Patch, PatchError
 from .cli import CliPatch
@@ -50,8 +51,6 @@ PATCHES: List[Patch] = [
     CpuModelInputPatch(),
 ]
 
-STRICT_ENV = "VLLM_TRANSFORMERS_BACKEND_STRICT"
-
 
 @dataclass
 class PatchStatus:
@@ -86,7 +85,7 @@ def apply_all(origin: str = "call") -> List[PatchStatus]:
                   "will not work; run `python -m vllm_transformers_backend doctor` for details."
         details = "; ".join(f"{p.name}: {_errors[p.name]}" for p in failures)
         _logger().error(message, origin, details)
-        if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+        if envs.VLLM_TRANSFORMERS_BACKEND_STRICT:
             raise PatchError(message % (origin, details))
     return status()
 

@@ -7,14 +7,13 @@ that, when ``vllm`` is imported, lets the import finish and then applies the pat
 That also covers processes vLLM spawns (``vllm serve``'s engine, multiprocessing and Ray workers).
 
 Set ``VLLM_TRANSFORMERS_BACKEND_DISABLE=1`` to leave vLLM untouched.
+
+Decode step: not on it (runs once per process, at start-up).
 """
 from __future__ import annotations
 
 import importlib.abc
-import os
 import sys
-
-DISABLE_ENV = "VLLM_TRANSFORMERS_BACKEND_DISABLE"
 
 
 def _apply_patches(origin: str) -> None:
@@ -58,7 +57,9 @@ class VllmImportHook(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+    from vllm_transformers_backend import envs
+
+    if envs.VLLM_TRANSFORMERS_BACKEND_DISABLE:
         return
     if "vllm" in sys.modules:
         _apply_patches("late start-up hook")

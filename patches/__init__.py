@@ -3,8 +3,11 @@
 Installed as ``vllm_transformers_backend.patches``. :func:`apply_all` runs when vLLM is imported (the
 start-up hook) and again from vLLM's plugin loader in every engine and worker process; applying twice
 is harmless. vLLM's plugin loader swallows exceptions, so a patch that cannot apply is logged as an
-error here and re-checked, loudly, by the backend's constructor (:func:`ensure_applied`) and by
-``python -m vllm_transformers_backend doctor``.
+error here and re-checked, loudly, before a backend model is built (:func:`ensure_applied`, called by the
+model_loader patch) and by ``python -m vllm_transformers_backend doctor``.
+
+Decode step: not on it (the patches act at ``import vllm`` and at engine start; the model they
+route to runs the step).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from vllm_transformers_backend import envs
+from vllm_transformers_backend.runtime import record_patches
 
 from ._base import Patch, PatchError
 from .cli import CliPatch
@@ -99,6 +103,7 @@ def status() -> List[PatchStatus]:
             applied = False
             _errors.setdefault(patch.name, f"{type(exc).__name__}: {exc}")
         result.append(PatchStatus(patch.name, patch.target, patch.required, applied, _errors.get(patch.name)))
+    record_patches(result)  # what backend code that needs an optional patch reads (it never imports the patches)
     return result
 
 

@@ -13,19 +13,13 @@ Two checks of ``pipeline_parallel_size > 1``:
   ``torch.distributed`` for ``tensor_parallel_size * pipeline_parallel_size`` ranks, so rank 0 waits
   forever for ranks nobody starts (measured: native ``LlamaForCausalLM``, TP=1, PP=2, no progress after
   90 s), and the CPU model runner has no pipeline hand-over.
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 
 from ._base import Patch, require_parameters, wrap
 from ._cpu import is_cpu_build
-
-
-def runs_on_backend(model_config) -> bool:
-    from vllm_transformers_backend.registry import native_architecture
-
-    impl = getattr(model_config, "model_impl", "auto")
-    architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
-    return impl == "transformers" or (impl == "auto" and native_architecture(architectures) is None)
 
 
 class PipelineParallelPatch(Patch):
@@ -37,6 +31,8 @@ class PipelineParallelPatch(Patch):
 
     def _apply(self) -> None:
         import vllm.config as config_module
+
+        from vllm_transformers_backend.registry import runs_on_backend
 
         owner = self.owner()
         require_parameters(owner.verify_with_parallel_config, ["parallel_config"], self.target)

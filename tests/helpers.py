@@ -15,6 +15,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from vllm_transformers_backend.compat import INTERFACE_SINCE  # the backend's own table  # noqa: F401
+
 MODELS_DIR = Path(os.environ.get("VTB_CACHE", Path.home() / ".cache/vllm-transformers-backend")) / "models"
 
 #: Prompts as token ids (tiny random models have no tokenizer); mixed lengths.
@@ -71,9 +73,8 @@ ARCHITECTURES: Dict[str, tuple] = {
 
 #: The first transformers release that has the architecture at all.
 INTRODUCED_IN = {"gemma3": "4.50.0", "qwen3": "4.51.0"}
-#: The first release whose implementation sends attention through ALL_ATTENTION_FUNCTIONS (read from the
-#: releases' modeling files); before it the backend must refuse the model with a clear error.
-INTERFACE_SINCE = {"gpt_neox": "4.49.0", "bert": "5.0.0", "roberta": "5.0.0", "esm": "4.56.0"}
+#: INTERFACE_SINCE (imported above): the first release whose implementation of a model type sends attention
+#: through ALL_ATTENTION_FUNCTIONS; before it the backend must refuse the model with a clear error.
 
 
 def transformers_version():

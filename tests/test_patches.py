@@ -104,3 +104,36 @@ def test_doctor_reports_every_patch():
     for name in ("model_config", "engine_args", "cli", "model_architecture", "model_loader"):
         assert f"{name}" in result.stdout
     assert result.stdout.strip().endswith("OK")
+
+
+def _imports_patches(source: str) -> bool:
+    import ast
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            module = ("." * node.level) + (node.module or "")
+            names = [alias.name for alias in node.names]
+            if module in (".patches", "vllm_transformers_backend.patches") or module.startswith(".patches.") or \
+                    module.startswith("vllm_transformers_backend.patches.") or (module == "." and "patches" in names):
+                return True
+        elif isinstance(node, ast.Import) and any(a.name.startswith("vllm_transformers_backend.patches")
+                                                  for a in node.names):
+            return True
+    return False
+
+
+def test_only_entry_points_import_the_patches():
+    """The patches depend on the backend (routing, options, config), never the other way round: only the entry
+    points (start-up hook, vLLM plugin, command line, doctor) import them, so no import loop hides behind
+    package_dir."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "vllm_transformers_backend"
+    entry_points = {"_startup.py", "plugin.py", "__main__.py", "doctor.py"}
+    offenders = [path.name for path in sorted(root.glob("*.py"))
+                 if path.name not in entry_points and _imports_patches(path.read_text())]
+    assert not offenders, f"backend modules importing the patches: {offenders}"
+    # the scan sees each spelling (guards against a scan that finds nothing)
+    for line in ("from .patches import ensure_applied", "from vllm_transformers_backend.patches import apply_all",
+                 "import vllm_transformers_backend.patches.cli", "from . import patches"):
+        assert _imports_patches(line), line

@@ -3,7 +3,7 @@
 Construction (inside vLLM's loader, under ``with torch.device(target)`` and the model dtype):
 
 1. build the HF model from its config with parameters on the meta device (buffers such as rotary
-   ``inv_freq`` are computed for real, on the target device);
+   ``inv_freq`` are computed for real, on the target device; :mod:`.hf_model`, shared with ``check``);
 2. with pipeline parallelism, keep this rank's modules (``pp_plan``, :mod:`.pipeline`); swap
    ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style, :mod:`.tp_plan`), RMSNorms for
    vLLM's, the input embedding for ``VocabParallelEmbedding`` (keeping ``embed_scale``);
@@ -12,7 +12,6 @@ Construction (inside vLLM's loader, under ``with torch.device(target)`` and the 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -22,57 +21,19 @@ from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.sequence import IntermediateTensors
 
-from . import compat, devices, fusion, lora, pipeline, quantization, residual, rotary, sliding_window
-from ._logging import get_logger
-from .attention import (ATTN_IMPLEMENTATION, AttentionContext, EncoderOnlyAttention, attention_context,
-                        register_attention_function)
+from . import compat, devices, fusion, hf_model as hf, lora, pipeline, quantization, residual, rotary, sliding_window
+from ._logging import get_logger, preview
+from .attention import AttentionContext, EncoderOnlyAttention, attention_context, register_attention_function
 from .config import BackendConfig, current_backend_config
+from .hf_model import BackendError
 from .layers import GatheredHeadsAttention, make_embedding, make_linear, make_rms_norm, rms_norm_form
-from .tp_plan import TPPlan, collect_tp_plan, describe
+from .tp_plan import TPPlan, collect_tp_plan
 from .weights import WeightsMapper, build_weights_mapper, load_weights
 from .windowed_attention import WindowedAttention
 
 logger = get_logger(__name__)
 
-
-class BackendError(ValueError):
-    """The model cannot run on the Transformers backend (the message says why and what to do)."""
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Parameters are created on the meta device, buffers where the ambient device says."""
-    original = nn.Module.register_parameter
-
-    def register_parameter(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            kwargs = dict(param.__dict__)
-            module._parameters[name] = type(param)(param.to("meta"), **kwargs) if kwargs else \
-                nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def named_attention_modules(body: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The attention module of each layer: the first module per ``layer_idx`` whose class name says
-    attention (shared by the backend and ``check``)."""
-    found: List[Tuple[str, nn.Module]] = []
-    seen: set = set()
-    for name, module in body.named_modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and "attention" in type(module).__name__.lower() and idx not in seen:
-            seen.add(idx)
-            found.append((name, module))
-    return found
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+__all__ = ["Base", "BackendError"]
 
 
 def _gathers_heads(attention_module: Optional[nn.Module]) -> bool:
@@ -100,15 +61,13 @@ class Base(nn.Module):
         **_: Any,
     ) -> None:
         super().__init__()
-        from vllm_transformers_backend.patches import ensure_applied
-
-        ensure_applied()
         compat.check_transformers()
         bundle = current_backend_config()
         if bundle is None:
             raise BackendError(
                 f"{type(self).__name__} must be built by vLLM's model loader (the model_loader patch hands it "
-                "the ModelConfig); construct it through vllm.LLM(..., model_impl='transformers')."
+                "the ModelConfig); construct it through vllm.LLM(..., model_impl='transformers'), and check "
+                "`python -m vllm_transformers_backend doctor` if you did."
             )
         if lora_config is not None and not getattr(type(self), "supports_lora", False):
             raise BackendError(f"{type(self).__name__} does not take LoRA adapters (the causal model does).")
@@ -133,13 +92,15 @@ class Base(nn.Module):
         self._pp_missing_prefixes: List[str] = []
         self._dispatch_verified = False
 
-        self._check_encoder_interface_version()
-        hf_model = self._build_hf_model()
+        hf.check_interface_version(self.config)
+        hf_model = hf.build(self.config, self.hf_auto_class, dtype=self.dtype,
+                            trust_remote_code=self.bundle.trust_remote_code)
         self.hf_model_class = type(hf_model)
-        self._output_embedding_names = self._output_embedding_qualnames(hf_model)
-        self._checkpoint_transforms = compat.checkpoint_transforms(hf_model)
-        self._checkpoint_prefix, self.model = self._base_model_of(hf_model)
-        self._check_attention_backend_support(hf_model)
+        self._checkpoint_prefix, self.model = hf.base_model_of(hf_model)
+        self._output_embedding_names = hf.output_embedding_names(hf_model)
+        # read off the HF model as built (transformers 5 walks its sub-models for checkpoint transforms)
+        self._checkpoint_mapper = self.checkpoint_mapper(hf_model, self._checkpoint_prefix, self.model)
+        hf.check_attention_backend_support(hf_model)
         if lora_config is not None:
             problem = lora.check_supported(lora_config, self._checkpoint_prefix, self.hf_model_class.__name__)
             if problem:
@@ -153,8 +114,9 @@ class Base(nn.Module):
         self._setup_pipeline(hf_model)
         self._tp_plan_map = collect_tp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
         self._replace_modules()
-        fusion.fuse_projections(self.model, quant_config=self.quant_config, tp_size=self.tp_size,
-                                head_size=self.bundle.model_config.get_head_size(), prefix=self._checkpoint_prefix)
+        head_size = self.bundle.model_config.get_head_size()
+        fusion.fuse_projections(self.model, quant_config=self.quant_config, tp_size=self.tp_size, head_size=head_size,
+                                prefix=self._checkpoint_prefix)
         # vLLM's activation kernels where they exist; the CPU engine keeps HF's exact math (tests compare)
         fusion.fuse_glu_activations(self.model, use_kernels=self.device.type != "cpu"
                                     and not devices.prefers_native_layer_forward(self.device))
@@ -167,134 +129,31 @@ class Base(nn.Module):
         self._materialize_parameters()
         logger.info("Transformers backend: %s (HF %s) on %s, %d attention layers of head size %d",
                     type(self).__name__, type(self.model).__name__, self.device, len(self.attention_instances),
-                    self.bundle.model_config.get_head_size())
+                    head_size)
 
     # --- construction -----------------------------------------------------------------------------
 
-    def _build_hf_model(self) -> nn.Module:
-        import transformers
-
-        auto_class = getattr(transformers, self.hf_auto_class)
-        trust = self.bundle.trust_remote_code
-        self.text_config._attn_implementation = ATTN_IMPLEMENTATION
-        # transformers builds in config.dtype; vLLM has already chosen the dtype (the ambient default).
-        for cfg in {id(self.config): self.config, id(self.text_config): self.text_config}.values():
-            compat.set_config_dtype(cfg, self.dtype)
-        try:
-            return self._from_config(auto_class, self.config, trust)
-        except ValueError as exc:
-            if "Unrecognized configuration class" not in str(exc):
-                raise
-        # vLLM 0.6.2 loads some configs with classes of its own (Granite, ...) that transformers' auto
-        # classes do not know: build from transformers' own class for the same model_type.
-        config = compat.transformers_config(self.config)
-        config._attn_implementation = ATTN_IMPLEMENTATION
-        try:
-            return self._from_config(auto_class, config, trust)
-        except ValueError as exc:
-            if "Unrecognized configuration class" not in str(exc):
-                raise
-            raise BackendError(
-                f"transformers has no {self.hf_auto_class} class for model_type {getattr(config, 'model_type', '?')!r} "
-                f"({type(self).__name__} needs one). If this is an encoder or embedding model, run it with "
-                "runner='pooling'; a custom model needs `auto_map` and trust_remote_code=True."
-            ) from exc
-
-    def _from_config(self, auto_class: Any, config: Any, trust_remote_code: bool) -> nn.Module:
-        with parameters_on_meta():
-            try:
-                return auto_class.from_config(
-                    config,
-                    trust_remote_code=trust_remote_code,
-                    attn_implementation=ATTN_IMPLEMENTATION,
-                    **compat.dtype_kwargs(self.dtype),
-                )
-            except KeyError as exc:
-                # transformers < 4.49 models that pick attention classes from a dict keyed by name
-                if exc.args == (ATTN_IMPLEMENTATION,):
-                    raise BackendError(self._no_attention_interface_message(
-                        "its attention classes are looked up by implementation name")) from exc
-                raise
-            except ValueError as exc:
-                message = str(exc)
-                if "Unrecognized configuration class" not in message and (
-                        "attn_implementation" in message or "attention" in message.lower()):
-                    raise BackendError(self._no_attention_interface_message(exc)) from exc
-                raise
-
-    def _no_attention_interface_message(self, detail: object) -> str:
-        arch = (getattr(self.config, "architectures", None) or [type(self.config).__name__])[0]
-        return (
-            f"{arch} does not support the Transformers attention interface in transformers "
-            f"{compat.transformers_version()} ({detail}). The backend needs a model whose attention modules "
-            "call ALL_ATTENTION_FUNCTIONS[config._attn_implementation], carry `layer_idx`, pass **kwargs down, "
-            "and whose class sets `_supports_attention_backend = True`. Fix: upgrade transformers, adapt the "
-            "custom modeling code, or use model_impl='vllm' if vLLM has the architecture."
-            + compat.attention_interface_hint(getattr(self.config, "model_type", None))
-        )
-
-    def _check_attention_backend_support(self, hf_model: nn.Module) -> None:
-        # transformers >= 4.50 declares the flag; False means the modeling code bypasses the interface.
-        flag = getattr(type(hf_model), "_supports_attention_backend", None)
-        if flag is False:
-            raise BackendError(self._no_attention_interface_message("_supports_attention_backend is False"))
-
-    def _check_encoder_interface_version(self) -> None:
-        # Before building: older releases still build these encoders (or fail earlier for another reason),
-        # with attention that never reaches the interface; the version is the actionable cause.
-        since = compat.ENCODER_INTERFACE_SINCE.get(getattr(self.config, "model_type", ""))
-        if since and compat.transformers_version() < compat.Version(since):
-            raise BackendError(self._no_attention_interface_message("its attention modules predate the interface"))
-
     def _detect_encoder(self) -> bool:
-        """An encoder, as upstream decides it: attention modules declaring ``is_causal = False``."""
-        modules = self._innermost_attention_modules()
-        flags = {m.is_causal for m in modules}
-        if False not in flags:
+        """An encoder, as upstream decides it (:func:`.hf_model.model_kind`)."""
+        kind = hf.model_kind(self.model)
+        if kind.kind == "decoder":
             return False
-        if True in flags:
-            raise BackendError(f"{type(self.model).__name__} mixes causal and bidirectional attention layers; "
-                               "the backend runs decoder-only or encoder-only models.")
+        if kind.kind == "mixed":
+            raise BackendError(f"{type(self.model).__name__} mixes causal and bidirectional attention layers "
+                               f"({kind.evidence}); the backend runs decoder-only or encoder-only models.")
         if not self.supports_encoder:
             raise BackendError(
                 f"{type(self.model).__name__} is an encoder-only model (its attention has is_causal=False): it "
                 "embeds, it does not generate. Run it with runner='pooling' (LLM(..., runner='pooling') and "
                 "llm.embed(...), or `vllm serve ... --runner pooling`)."
             )
-        indices = [getattr(m, "layer_idx", None) for m in modules]
+        indices = [getattr(m, "layer_idx", None) for m in kind.modules]
         if not all(isinstance(i, int) for i in indices) or len(set(indices)) != len(indices):
             # Some encoders (ESM before transformers 5) never number their layers; encoder attention keeps
             # no cache, so numbering them in module order is all the attention function needs.
-            for number, module in enumerate(modules):
+            for number, module in enumerate(kind.modules):
                 module.layer_idx = number
         return True
-
-    def _innermost_attention_modules(self) -> List[nn.Module]:
-        """Attention modules that declare ``is_causal``, without the wrappers around them."""
-        found = [m for m in self.model.modules() if "attention" in type(m).__name__.lower() and hasattr(m, "is_causal")]
-        ids = {id(m) for m in found}
-        return [m for m in found if not any(id(c) in ids for c in m.modules() if c is not m)]
-
-    @staticmethod
-    def _base_model_of(hf_model: nn.Module) -> Tuple[str, nn.Module]:
-        """The body the wrapper calls and the attribute name it has in HF checkpoints."""
-        prefix = getattr(hf_model, "base_model_prefix", "")
-        body = getattr(hf_model, prefix, None) if prefix else None
-        if body is None:
-            getter = getattr(hf_model, "get_decoder", None)
-            body = getter() if callable(getter) else None
-        if body is None or body is hf_model:
-            return "", hf_model
-        name = next((n for n, child in hf_model.named_children() if child is body), prefix)
-        return name, body
-
-    @staticmethod
-    def _output_embedding_qualnames(hf_model: nn.Module) -> List[str]:
-        getter = getattr(hf_model, "get_output_embeddings", None)
-        head = getter() if callable(getter) else None
-        if head is None:
-            return []
-        return [name for name, module in hf_model.named_modules() if module is head]
 
     def _tp_plan(self) -> Dict[str, str]:
         """The tp_plan relative to the body: config, body class and top model class/instance plans."""
@@ -310,11 +169,10 @@ class Base(nn.Module):
                 "tensor_parallel_size=1."
             )
         if plan:
-            kept = plan.check_unreplaced(self.model, lambda m: isinstance(m, nn.Linear) or _is_conv1d(m),
-                                         self.model.get_input_embeddings())
+            kept = plan.check_unreplaced(self.model, hf.is_linear, self.model.get_input_embeddings())
             if kept:
                 logger.info("tp_plan styles of %d non-linear module(s)/tensor(s) are not sharded (kept whole on "
-                            "every rank, same result): %s", len(kept), describe(kept))
+                            "every rank, same result): %s", len(kept), preview(kept, 6))
         style_of = plan.style_of
         # K/V projections with fewer heads than ranks hold whole (replicated) heads, as vLLM's QKV layer does.
         total_kv_heads = self.bundle.model_config.get_total_num_kv_heads()
@@ -330,15 +188,11 @@ class Base(nn.Module):
             for name, child in list(module.named_children()):
                 qualname = f"{prefix}.{name}" if prefix else name
                 new: Optional[nn.Module] = None
-                if isinstance(child, nn.Linear):
-                    new = make_linear(child.in_features, child.out_features, child.bias is not None,
-                                      style_of(qualname), self.quant_config, self.checkpoint_name(qualname),
-                                      kv_head_size=kv_size_for(child.out_features))
-                elif _is_conv1d(child):
-                    in_features, out_features = child.weight.shape
+                if hf.is_linear(child):
+                    in_features, out_features = hf.linear_features(child)
                     new = make_linear(in_features, out_features, child.bias is not None, style_of(qualname),
-                                      self.quant_config, self.checkpoint_name(qualname), transposed_checkpoint=True,
-                                      kv_head_size=kv_size_for(out_features))
+                                      self.quant_config, self.checkpoint_name(qualname),
+                                      transposed_checkpoint=hf.is_conv1d(child), kv_head_size=kv_size_for(out_features))
                 else:
                     form = rms_norm_form(child)
                     if form is not None:
@@ -380,7 +234,7 @@ class Base(nn.Module):
                 f"; not {', '.join(unsupported)} (no LoRA layer for their vLLM layers)" if unsupported else "")
 
     def _attention_modules(self) -> Dict[int, nn.Module]:
-        return {module.layer_idx: module for _, module in named_attention_modules(self.model)}
+        return {module.layer_idx: module for _, module in hf.attention_modules(self.model)}
 
     def _create_attention_instances(self) -> Dict[int, Any]:
         # Per layer, the window the backend applies itself (sliding_window.py); None: vLLM's Attention as is.
@@ -395,7 +249,7 @@ class Base(nn.Module):
         num_kv_heads = max(1, total_kv_heads // self.tp_size)
         softcap = getattr(text_config, "attn_logit_softcapping", None)
         modules = self._attention_modules()
-        names = {id(module): name for name, module in named_attention_modules(self.model)}
+        names = {id(module): name for name, module in hf.attention_modules(self.model)}
         instances: Dict[int, Attention] = {}
         for idx in range(self.start_layer, self.end_layer):
             module = modules.get(idx)
@@ -555,32 +409,43 @@ class Base(nn.Module):
     def _verify_dispatch(self, called: set) -> None:
         expected = set(self.attention_instances)
         if called != expected:
-            missing = sorted(expected - called)
-            raise BackendError(
-                self._no_attention_interface_message(
-                    f"layers {missing[:8]}{'...' if len(missing) > 8 else ''} did not call the 'vllm' attention "
-                    "function (their modules ignore config._attn_implementation or drop **kwargs)"
-                )
-            )
+            raise hf.AttentionInterfaceError(self.config, hf.undispatched_layers(sorted(expected - called)))
         self._dispatch_verified = True
 
     # --- weights ----------------------------------------------------------------------------------
 
+    @classmethod
+    def checkpoint_mapper(cls, hf_model: nn.Module, checkpoint_prefix: str, body: nn.Module) -> WeightsMapper:
+        """Checkpoint names -> this wrapper's parameter names, for the HF model it wraps (also ``check``'s)."""
+        return build_weights_mapper(type(hf_model), checkpoint_prefix, hf.output_embedding_names(hf_model),
+                                    compat.checkpoint_transforms(hf_model))
+
     def weights_mapper(self) -> WeightsMapper:
-        mapper = build_weights_mapper(self.hf_model_class, self._checkpoint_prefix, self._output_embedding_names,
-                                      self._checkpoint_transforms)
+        """:meth:`checkpoint_mapper` (read off the HF model at build) with what the built model adds: the fused
+        layers' shards and the quantization method's checkpoint rules."""
+        mapper = self._checkpoint_mapper.copy()
         mapper.stacked.update(fusion.stacked_shards(self))
         quantization.add_checkpoint_rules(mapper, self.quant_config)
         return mapper
 
-    def _skipped_weights(self) -> Tuple[str, ...]:
+    @classmethod
+    def checkpoint_target(cls, hf_model: nn.Module, body: nn.Module) -> nn.Module:
+        """A module with this wrapper's parameter names holding the HF model's own (unsharded, unfused)
+        parameters: what ``check`` runs the loader's dry run against."""
+        target = nn.Module()
+        target.model = body
+        return target
+
+    @classmethod
+    def skipped_weights(cls, config: Any) -> Tuple[str, ...]:
+        """Parameters the checkpoint need not fill and whose entries are dropped (a tied LM head)."""
         return ()
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
         mapper = self.weights_mapper()
         if self._pp_missing_prefixes:
             weights = self._pipeline_local_weights(weights, mapper)
-        loaded = load_weights(self, weights, mapper, skip=self._skipped_weights())
+        loaded = load_weights(self, weights, mapper, skip=self.skipped_weights(self.config))
         quantization.finish_attention_loading(self.attention_instances.values())
         return loaded
 

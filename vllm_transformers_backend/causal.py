@@ -1,4 +1,8 @@
-"""``TransformersForCausalLM``: decoder-only generation through the backend."""
+"""``TransformersForCausalLM``: decoder-only generation through the backend.
+
+Decode step: last, after the body's final norm: ``compute_logits`` (``ParallelLMHead`` and vLLM's
+``LogitsProcessor``: scale, soft-cap), then vLLM's ``Sampler``.
+"""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -12,7 +16,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (DEFAULT_VOCAB_P
                                                                    VocabParallelEmbedding)
 from vllm.model_executor.sampling_metadata import SamplingMetadata
 
-from . import compat, lora
+from . import compat, hf_model as hf, lora
 from .base import Base
 from .pipeline import PPMissingLayer
 
@@ -72,8 +76,16 @@ class TransformersForCausalLM(Base):
         )
         self.sampler = Sampler()
 
-    def _skipped_weights(self) -> Tuple[str, ...]:
-        return ("lm_head.weight",) if self.tie_word_embeddings else ()
+    @classmethod
+    def skipped_weights(cls, config: Any) -> Tuple[str, ...]:
+        return ("lm_head.weight",) if compat.ties_word_embeddings(config) else ()
+
+    @classmethod
+    def checkpoint_target(cls, hf_model: nn.Module, body: nn.Module) -> nn.Module:
+        target = super().checkpoint_target(hf_model, body)
+        if hf.output_embedding_names(hf_model):  # HF's head, as the wrapper's lm_head
+            target.lm_head = hf_model.get_output_embeddings()
+        return target
 
     def compute_logits(self, hidden_states: torch.Tensor, sampling_metadata: SamplingMetadata) -> Optional[torch.Tensor]:
         return self.logits_processor(self.lm_head, hidden_states, sampling_metadata, getattr(self.lm_head, "bias", None))

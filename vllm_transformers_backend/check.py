@@ -4,6 +4,14 @@ Nothing is loaded: the HF model is built from its config on the meta device (no 
 weights), its body runs one forward on meta tensors to see which layers call the ``"vllm"`` attention
 function, and checkpoint key names come from the safetensors headers (8-byte length + JSON; no tensor
 data). Each finding is ``ok``, ``info``, ``warn`` or ``error``; any error means the model cannot run.
+
+Every verdict is the backend's own, reached through its public functions: the build and its error
+classification, the body, the attention modules and the encoder/decoder decision (:mod:`.hf_model`), the
+tp/pp plans and their lookup (:mod:`.tp_plan`, :mod:`.pipeline`), and the loader's bookkeeping in a dry
+run over the header shapes (:func:`.weights.dry_run` with the wrapper class's own mapper, parameter names
+and skipped names).
+
+Decode step: not on it (a diagnostic; nothing runs a step).
 """
 from __future__ import annotations
 
@@ -13,6 +21,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NoReturn, Optional, Set, Tuple
+
+from . import hf_model as hf
 
 OK, INFO, WARN, ERROR = "ok", "info", "warn", "error"
 #: How many names a table row lists before "... N more".
@@ -107,19 +117,21 @@ def _check(report: Report, path: Path, tp: int, pp: int, trust_remote_code: bool
         report.add("model kind", ERROR, "encoder-decoder models (cross-attention) are not supported by the backend")
         raise _Abort
 
-    report.sequence_head = _sequence_head(report, config)
-    auto_class = "AutoModelForSequenceClassification" if report.sequence_head else "AutoModelForCausalLM"
-    hf_model, interface_error = _build(report, config, auto_class, trust_remote_code)
-    kind, kind_detail = _model_kind(hf_model)
-    if kind == "encoder" and not report.sequence_head and \
-            type(hf_model).__name__ != _auto_class_name(config, "AutoModel"):
-        # Encoders run as pooling models built from AutoModel (no LM head).
-        hf_model, interface_error = _build(report, config, "AutoModel", trust_remote_code)
-    from .base import Base
+    from .causal import TransformersForCausalLM
+    from .pooling import TransformersForEmbedding
+    from .sequence_classification import TransformersForSequenceClassification
 
-    prefix, body = Base._base_model_of(hf_model)
+    report.sequence_head = _sequence_head(report, config)
+    first = TransformersForSequenceClassification if report.sequence_head else TransformersForCausalLM
+    hf_model, interface_error, auto_class = _build(report, config, first.hf_auto_class, trust_remote_code)
+    kind = hf.model_kind(hf_model)
+    if kind.kind == "encoder" and not report.sequence_head and auto_class != TransformersForEmbedding.hf_auto_class:
+        # Encoders run as pooling models built from AutoModel (no LM head).
+        hf_model, interface_error, auto_class = _build(report, config, TransformersForEmbedding.hf_auto_class,
+                                                       trust_remote_code)
+    prefix, body = hf.base_model_of(hf_model)
     report.hf_class, report.body_class = type(hf_model).__name__, type(body).__name__
-    _report_kind(report, kind, kind_detail)
+    _report_kind(report, kind)
     _check_attention(report, hf_model, body, text_config, interface_error)
     _check_sliding_windows(report, text_config)
     from .pipeline import collect_pp_plan
@@ -127,8 +139,11 @@ def _check(report: Report, path: Path, tp: int, pp: int, trust_remote_code: bool
 
     # the same plans the backend uses (config class defaults, body and top-model class plans)
     _check_tensor_parallel(report, body, collect_tp_plan(hf_model, body, prefix, text_config), text_config, tp)
-    _check_pipeline_parallel(report, body, collect_pp_plan(hf_model, body, prefix, text_config), text_config, pp, kind)
-    _check_checkpoint(report, path, hf_model, body, prefix, config, quantized)
+    _check_pipeline_parallel(report, body, collect_pp_plan(hf_model, body, prefix, text_config), text_config, pp,
+                             kind.kind)
+    wrapper = (TransformersForSequenceClassification if report.sequence_head
+               else TransformersForEmbedding if kind.kind == "encoder" else TransformersForCausalLM)
+    _check_checkpoint(report, path, wrapper, hf_model, body, prefix, config, quantized)
 
 
 # --- config, quantization, build --------------------------------------------------------------------
@@ -183,44 +198,27 @@ def _check_quantization(report: Report, config: Any) -> bool:
     return True
 
 
-def _auto_class_name(config: Any, auto_class: str) -> Optional[str]:
-    import transformers
-
-    mapping = getattr(transformers, auto_class)._model_mapping
-    try:
-        return mapping[type(config)].__name__
-    except (KeyError, ValueError):
-        return None
-
-
-def _build(report: Report, config: Any, auto_class: str, trust_remote_code: bool) -> Tuple[Any, Optional[str]]:
-    """The HF model on meta with ``attn_implementation="vllm"`` (as the backend builds it); when the
-    model cannot take that implementation, built with "eager" for the rest of the report, and the
-    reason returned."""
-    import transformers
-
-    from .attention import ATTN_IMPLEMENTATION, register_attention_function
+def _build(report: Report, config: Any, auto_class: str, trust_remote_code: bool) -> Tuple[Any, Optional[str], str]:
+    """The HF model on meta as the backend builds it (``attn_implementation="vllm"``, the backend's own build
+    and error classification); when the model cannot take that implementation, built with "eager" for the
+    rest of the report and the backend's reason returned. Also returns the auto class that built it (a
+    model without a causal-LM class is built as ``AutoModel``)."""
+    from .attention import register_attention_function
 
     register_attention_function()
-    auto = getattr(transformers, auto_class)
-    interface_error = None
     try:
-        return _from_config(auto, config, ATTN_IMPLEMENTATION, trust_remote_code), None
-    except KeyError as exc:
-        if exc.args != (ATTN_IMPLEMENTATION,):
-            _build_failed(report, exc, auto_class)
-        interface_error = "its attention classes are looked up by implementation name (KeyError 'vllm')"
-    except ValueError as exc:
-        message = str(exc)
-        if "Unrecognized configuration class" in message and auto_class != "AutoModel":
+        hf.check_interface_version(config)
+        return _build_on_meta(config, auto_class, trust_remote_code, hf.ATTN_IMPLEMENTATION), None, auto_class
+    except hf.NoAutoClassError as exc:
+        if auto_class != "AutoModel":
             return _build(report, config, "AutoModel", trust_remote_code)
-        if "attn_implementation" not in message and "attention" not in message.lower():
-            _build_failed(report, exc, auto_class)
-        interface_error = f"attn_implementation='vllm' refused: {message}"
+        _build_failed(report, exc, auto_class)
+    except hf.AttentionInterfaceError as exc:
+        interface_error = str(exc)
     except Exception as exc:
         _build_failed(report, exc, auto_class)
     try:
-        return _from_config(auto, config, "eager", trust_remote_code), interface_error
+        return _build_on_meta(config, auto_class, trust_remote_code, "eager"), interface_error, auto_class
     except Exception as exc:
         _build_failed(report, exc, auto_class)
 
@@ -230,95 +228,62 @@ def _build_failed(report: Report, exc: Exception, auto_class: str) -> NoReturn:
     raise _Abort
 
 
-def _from_config(auto: Any, config: Any, attn_implementation: str, trust_remote_code: bool) -> Any:
+def _build_on_meta(config: Any, auto_class: str, trust_remote_code: bool, attn_implementation: str) -> Any:
+    """:func:`.hf_model.build` (on a copy of ``config``) with everything on the meta device: buffers too, or,
+    where a constructor computes buffers with data-dependent ops, built as the backend builds (buffers real,
+    on the CPU) and then moved to meta."""
     import copy
 
     import torch
 
-    from .base import parameters_on_meta
+    def build() -> Any:
+        return hf.build(copy.deepcopy(config), auto_class, dtype=torch.get_default_dtype(),
+                        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
 
-    config = copy.deepcopy(config)
-    config._attn_implementation = attn_implementation
-    kwargs = dict(trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     try:
         with torch.device("meta"):
-            return auto.from_config(config, **kwargs)
-    except Exception as exc:
-        if isinstance(exc, KeyError) or "Unrecognized configuration class" in str(exc):
-            raise
-    # Some constructors compute buffers with data-dependent ops: build as the backend does (parameters
-    # on meta, buffers real on the CPU), then move the buffers to meta too.
-    with torch.device("cpu"), parameters_on_meta():
-        return auto.from_config(config, **kwargs).to("meta")
+            return build()
+    except hf.BackendError:
+        raise
+    except Exception:
+        pass
+    with torch.device("cpu"):
+        return build().to("meta")
 
 
 # --- attention and model kind ------------------------------------------------------------------------
 
 
-def _attention_modules(body: Any) -> List[Tuple[str, Any]]:
-    """Attention modules as the backend finds them (``layer_idx`` and "attention" in the class name);
-    else the innermost modules carrying a ``layer_idx`` (custom code calls them anything)."""
-    from .base import named_attention_modules
-
-    found = named_attention_modules(body)
-    if found:
-        return found
-    carriers = [(n, m) for n, m in body.named_modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    return [(n, m) for n, m in carriers
-            if not any(c is not m and isinstance(getattr(c, "layer_idx", None), int) for c in m.modules())]
-
-
-def _attention_like(hf_model: Any) -> List[Any]:
-    """Innermost modules whose class name says attention (for models without ``layer_idx``)."""
-    named = [m for m in hf_model.modules() if "attention" in type(m).__name__.lower()]
-    return [m for m in named if not any(c is not m and "attention" in type(c).__name__.lower() for c in m.modules())]
-
-
-def _model_kind(hf_model: Any) -> Tuple[str, str]:
-    """``("encoder" | "decoder" | "mixed", evidence)`` as the backend decides: attention modules with
-    ``is_causal=False`` make an encoder. Older BERT-style code has no ``is_causal`` but ``is_decoder``."""
-    modules = [m for _, m in _attention_modules(hf_model)] or _attention_like(hf_model)
-    flags = {type(m).__name__: getattr(m, "is_causal") for m in modules if isinstance(getattr(m, "is_causal", None), bool)}
-    if flags:
-        if len(set(flags.values())) > 1:
-            return "mixed", "is_causal=True and False: " + ", ".join(f"{c}={f}" for c, f in sorted(flags.items()))
-        if not any(flags.values()):
-            return "encoder", "is_causal=False on " + ", ".join(sorted(flags))
-        return "decoder", "is_causal=True on " + ", ".join(sorted(flags))
-    decoder = {type(m).__name__: getattr(m, "is_decoder") for m in modules if isinstance(getattr(m, "is_decoder", None), bool)}
-    if decoder and not any(decoder.values()):
-        return "encoder", "no is_causal; is_decoder=False on " + ", ".join(sorted(decoder))
-    return "decoder", "no attention module says is_causal=False"
-
-
-def _report_kind(report: Report, kind: str, evidence: str) -> None:
-    report.kind = kind
-    if kind == "mixed":
-        report.add("model kind", ERROR, f"mixes causal and bidirectional attention layers ({evidence}); the backend "
-                                        "runs decoder-only or encoder-only models")
+def _report_kind(report: Report, kind: Any) -> None:
+    report.kind = kind.kind
+    if kind.kind == "mixed":
+        report.add("model kind", ERROR, f"mixes causal and bidirectional attention layers ({kind.evidence}); the "
+                                        "backend runs decoder-only or encoder-only models")
         return
-    if report.sequence_head and kind in ("decoder", "encoder"):
+    if report.sequence_head and kind.kind in ("decoder", "encoder"):
         report.runner = "pooling"
         from .sequence_classification import TransformersForSequenceClassification
 
-        report.add("model kind", OK, f"{kind} ({evidence}) with a sequence-classification head: runs as "
+        report.add("model kind", OK, f"{kind.kind} ({kind.evidence}) with a sequence-classification head: runs as "
                                      f"{TransformersForSequenceClassification.__name__} (task classify / score / "
                                      "reward: LLM.classify, LLM.score, LLM.reward, /classify, /score, /rerank)")
         return
-    if kind == "decoder":
-        report.runner = "generate"
-        report.add("model kind", OK, f"decoder ({evidence}): runs as TransformersForCausalLM (LLM.generate)")
-        return
-    report.runner = "pooling"
+    from .causal import TransformersForCausalLM
     from .pooling import TransformersForEmbedding
 
-    report.add("model kind", OK, f"encoder ({evidence}): runs as {TransformersForEmbedding.__name__} with the "
+    if kind.kind == "decoder":
+        report.runner = "generate"
+        report.add("model kind", OK, f"decoder ({kind.evidence}): runs as {TransformersForCausalLM.__name__} "
+                                     "(LLM.generate)")
+        return
+    report.runner = "pooling"
+    report.add("model kind", OK, f"encoder ({kind.evidence}): runs as {TransformersForEmbedding.__name__} with the "
                                  "pooling runner (runner='pooling', LLM.embed), not generate")
 
 
 def _check_attention(report: Report, hf_model: Any, body: Any, text_config: Any, interface_error: Optional[str]) -> None:
     flag = getattr(type(hf_model), "_supports_attention_backend", None)
-    modules = _attention_modules(body)
+    modules = hf.attention_modules(body)
     called = None if interface_error else _probe_dispatch(report, body, encoder=report.kind == "encoder")
     groups: Dict[str, Dict[str, Any]] = {}
     for name, module in modules:
@@ -332,14 +297,13 @@ def _check_attention(report: Report, hf_model: Any, body: Any, text_config: Any,
     rows = [f"{g['class']} x{len(g['layers'])} (is_causal={g['is_causal']}, called 'vllm': "
             f"{'n/a' if g['called_vllm'] is None else len(g['called_vllm'])})" for g in groups.values()]
 
+    if not interface_error:
+        try:
+            hf.check_attention_backend_support(hf_model)
+        except hf.AttentionInterfaceError as exc:
+            interface_error = str(exc)
     if interface_error:
-        report.add("attention interface", ERROR, f"{report.architecture} cannot use the attention interface in "
-                   f"transformers {_tf_version()}: {interface_error}. Fix: upgrade transformers, or use "
-                   "model_impl='vllm' if vLLM has the architecture." + _interface_hint(hf_model), rows)
-        return
-    if flag is False:
-        report.add("attention interface", ERROR, f"{type(hf_model).__name__}._supports_attention_backend is False: "
-                   "its attention bypasses ALL_ATTENTION_FUNCTIONS", rows)
+        report.add("attention interface", ERROR, interface_error, rows)
         return
     if not modules:
         report.add("attention interface", ERROR, "no attention module carries an integer layer_idx, which the "
@@ -352,9 +316,7 @@ def _check_attention(report: Report, hf_model: Any, body: Any, text_config: Any,
         report.add("attention interface", WARN, f"_supports_attention_backend {flag_text}; dispatch not verified "
                    "on meta (the backend checks it on its first forward)", rows)
     elif called != expected:
-        missing = sorted(expected - called)
-        report.add("attention interface", ERROR, f"layers {_preview(missing)} did not call the 'vllm' attention "
-                   "function (their modules ignore config._attn_implementation or drop **kwargs)", rows)
+        report.add("attention interface", ERROR, hf.undispatched_layers(sorted(expected - called)), rows)
     else:
         report.add("attention interface", OK, f"all {len(expected)} layers call the 'vllm' attention function "
                    f"(_supports_attention_backend {flag_text})", rows)
@@ -452,49 +414,27 @@ def _autocast_tolerates_meta() -> Iterator[None]:
         torch.autocast = original
 
 
-def _interface_hint(hf_model: Any) -> str:
-    from . import compat
-
-    hint = getattr(compat, "attention_interface_hint", None)  # the release that fixes it, where known
-    return hint(getattr(hf_model.config, "model_type", None)) if hint else ""
-
-
-def _tf_version() -> str:
-    from . import compat
-
-    return str(compat.transformers_version())
-
-
 # --- tensor and pipeline parallelism ------------------------------------------------------------------
 
 
-def _linears(body: Any) -> List[Tuple[str, int, int]]:
-    from torch import nn
-
-    from .base import _is_conv1d
-
-    found = []
-    for name, module in body.named_modules():
-        if isinstance(module, nn.Linear):
-            found.append((name, module.in_features, module.out_features))
-        elif _is_conv1d(module):
-            in_features, out_features = module.weight.shape
-            found.append((name, int(in_features), int(out_features)))
-    return found
-
-
 def _check_tensor_parallel(report: Report, body: Any, plan: Dict[str, str], text_config: Any, tp: int) -> None:
-    from .layers import _STYLE_TO_LINEAR, plan_regexes
+    """The backend's own plan lookup (:class:`.tp_plan.TPPlan`: a tensor's entry before its module's) and
+    style table, over the linears the backend replaces."""
+    from .layers import KNOWN_LINEAR_STYLES, UnsupportedTPStyleError
+    from .tp_plan import TPPlan
 
-    regexes = plan_regexes(plan)
+    lookup = TPPlan(plan)
     uncovered, unknown, indivisible = [], [], []
-    for name, in_features, out_features in _linears(body):
-        style = next((s for regex, s in regexes if regex.match(name)), None)
+    for name, module in body.named_modules():
+        if not hf.is_linear(module):
+            continue
+        in_features, out_features = hf.linear_features(module)
+        style = lookup.style_of(name)
         report.linears.append({"name": name, "in_features": in_features, "out_features": out_features,
                                "style": style})
         if style is None:
             uncovered.append(name)
-        elif style not in _STYLE_TO_LINEAR:
+        elif style not in KNOWN_LINEAR_STYLES:
             unknown.append(f"{name}: {style!r}")
         elif tp > 1:
             sharded = out_features if "col" in style else in_features if "row" in style else None
@@ -506,13 +446,21 @@ def _check_tensor_parallel(report: Report, body: Any, plan: Dict[str, str], text
         report.add("tensor parallel", OK, f"TP=1: nothing sharded; tp_plan covers {covered}/{total} linears "
                    "for TP>1" if plan else "TP=1: nothing sharded (no tp_plan: TP>1 would be refused)")
         return
+    try:
+        if lookup:  # the styles of modules the backend keeps whole, as it checks them
+            lookup.check_unreplaced(body, hf.is_linear, body.get_input_embeddings())
+        unreplaceable = None
+    except UnsupportedTPStyleError as exc:
+        unreplaceable = str(exc)
     if not plan:
         report.add("tensor parallel", ERROR, f"{report.body_class} has no tp_plan, so it cannot be sharded over "
                    f"{tp} ranks. Fix: add `base_model_tp_plan` to its config (or `_tp_plan` to the model class), "
                    "mapping each linear's name pattern to 'colwise'/'rowwise', or run with --tp 1")
     elif unknown:
         report.add("tensor parallel", ERROR, f"tp_plan styles without a vLLM equivalent (known: "
-                   f"{', '.join(sorted(_STYLE_TO_LINEAR))})", unknown)
+                   f"{', '.join(sorted(KNOWN_LINEAR_STYLES))})", unknown)
+    elif unreplaceable:
+        report.add("tensor parallel", ERROR, unreplaceable)
     elif indivisible:
         report.add("tensor parallel", ERROR, f"sharded dimensions not divisible by TP={tp}", indivisible)
     elif uncovered:
@@ -558,26 +506,21 @@ def _check_pipeline_parallel(report: Report, body: Any, plan: Dict[str, Any], te
                    f"over {pp} stages. Fix: add `base_model_pp_plan` to its config (or `_pp_plan` to the model "
                    "class), or run with --pp 1")
         return
-    absent = [name for name in plan if _submodule(body, name) is None]
+    from .pipeline import PipelineError, plan_modules
+
     num_layers = getattr(text_config, "num_hidden_layers", 0)
-    if absent:
-        report.add("pipeline parallel", ERROR, f"pp_plan names modules {report.body_class} does not have", absent)
-    elif num_layers < pp:
+    try:
+        plan_modules(body, plan, num_layers)  # as the backend splits the body
+    except PipelineError as exc:
+        report.add("pipeline parallel", ERROR, str(exc))
+        return
+    if num_layers < pp:
         report.add("pipeline parallel", ERROR, f"{num_layers} layers cannot fill {pp} pipeline stages")
     elif num_layers % pp:
         report.add("pipeline parallel", WARN, f"{num_layers} layers are not divisible by PP={pp}: vLLM gives the "
                    "last stage the remainder (or set VLLM_PP_LAYER_PARTITION)")
     else:
         report.add("pipeline parallel", OK, f"pp_plan ({', '.join(plan)}); {num_layers // pp} layers per stage")
-
-
-def _submodule(body: Any, name: str) -> Any:
-    module = body
-    for part in name.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
 
 
 # --- checkpoint keys ----------------------------------------------------------------------------------
@@ -612,11 +555,11 @@ def checkpoint_tensors(path: Path) -> Tuple[str, Optional[Dict[str, Optional[Tup
     return "none", None
 
 
-def _check_checkpoint(report: Report, path: Path, hf_model: Any, body: Any, prefix: str, config: Any,
+def _check_checkpoint(report: Report, path: Path, wrapper: Any, hf_model: Any, body: Any, prefix: str, config: Any,
                       quantized: bool) -> None:
-    from . import compat
-    from .base import Base
-    from .weights import WeightsLoadingError, build_weights_mapper
+    """The backend's loader in a dry run over the checkpoint's headers: the wrapper's own mapper, parameter
+    names and skipped names, against the HF model's (unsharded, unfused) parameters on meta."""
+    from .weights import WeightsLoadingError, dry_run
 
     fmt, tensors = checkpoint_tensors(path)
     report.checkpoint = {"format": fmt, "keys": None if tensors is None else len(tensors), "unmapped": [],
@@ -632,52 +575,16 @@ def _check_checkpoint(report: Report, path: Path, hf_model: Any, body: Any, pref
         report.add("checkpoint keys", INFO, "not checked: quantized checkpoints hold the method's own tensors "
                    "(qweight, scales, ...), which only vLLM's quantized layers define")
         return
-    output_names = Base._output_embedding_qualnames(hf_model)
-    mapper = build_weights_mapper(type(hf_model), prefix, output_names, compat.checkpoint_transforms(hf_model))
-    # The backend's parameter names: the HF body under "model.", the causal wrapper's "lm_head.", the
-    # sequence-classification head under "head.".
-    params = {f"model.{n}": tuple(p.shape) for n, p in body.named_parameters(remove_duplicate=False)}
-    if report.sequence_head:
-        from .sequence_classification import add_head_prefixes, head_names
-
-        names = head_names(hf_model, prefix)
-        add_head_prefixes(mapper, names)
-        for name in names:
-            params.update({f"head.{name}.{n}": tuple(p.shape)
-                           for n, p in getattr(hf_model, name).named_parameters()})
-    elif output_names and report.kind == "decoder":
-        head = hf_model.get_output_embeddings()
-        params.update({f"lm_head.{n}": tuple(p.shape) for n, p in head.named_parameters()})
-    encoder = report.kind == "encoder" and not report.sequence_head  # the embedding model
-    if encoder:  # the pooling wrapper drops HF's own pooler (see pooling.py)
-        params = {n: shape for n, shape in params.items() if not n.startswith("model.pooler.")}
-    targets = {**{f"model.{n}": None for n, _ in body.named_buffers()}, **params}
-    tied = report.kind == "decoder" and not report.sequence_head and compat.ties_word_embeddings(config)
-    loaded, unmapped, mismatched = set(), [], []
+    target = wrapper.checkpoint_target(hf_model, body)
+    mapper = wrapper.checkpoint_mapper(hf_model, prefix, body)
+    skip = wrapper.skipped_weights(config)
     try:
-        for key, shape in sorted(tensors.items()):
-            target, _, unexpected = mapper.resolve(key, targets)
-            if target is None:
-                if unexpected:
-                    unmapped.append(key)
-                continue
-            loaded.add(target)
-            expected = params.get(target)
-            if shape is not None and expected is not None and tuple(shape) != tuple(expected):
-                mismatched.append(f"{key} {list(shape)} -> {target} {list(expected)}")
+        account = dry_run(target, sorted(tensors.items()), mapper, skip=skip)
     except WeightsLoadingError as exc:
         report.add("checkpoint keys", ERROR, str(exc))
         return
-    heads: List[str] = []
-    if encoder:  # the pooling wrapper ignores task heads (MLM, classifier) and HF's pooler
-        from .pooling import is_task_head_key
-
-        children = {name for name, _ in body.named_children()}
-        prefixes = (prefix, getattr(hf_model, "base_model_prefix", ""))
-        heads = [k for k in unmapped if is_task_head_key(k, children, prefixes)]
-        unmapped = [k for k in unmapped if k not in set(heads)]
-    skip = {"lm_head.weight"} if tied else set()
-    missing = sorted(n for n in params if n not in loaded and n not in skip)
+    mismatched = [f"{key} {list(shape)} -> {name} {list(expected)}" for key, shape, name, expected in account.mismatched]
+    unmapped, missing = account.unmapped, account.missing
     report.checkpoint.update(unmapped=unmapped, missing=missing, shape_mismatch=mismatched)
     if unmapped:
         report.add("checkpoint keys", ERROR, f"{len(unmapped)} of {len(tensors)} checkpoint tensors map to no "
@@ -688,18 +595,14 @@ def _check_checkpoint(report: Report, path: Path, hf_model: Any, body: Any, pref
     if mismatched:
         report.add("checkpoint shapes", ERROR, f"{len(mismatched)} tensors do not fit their parameter", mismatched)
     if not (unmapped or missing or mismatched):
-        report.add("checkpoint keys", OK, f"all {len(tensors) - len(heads)} {fmt} tensors map to the backend's "
-                   f"parameters ({len(loaded)} filled{', lm_head tied' if tied else ''})"
-                   + (f"; {len(heads)} tensors of task heads or HF's pooler, which the pooling model does not use, "
-                      "are skipped" if heads else ""))
+        excused = len(account.excused)
+        report.add("checkpoint keys", OK, f"all {len(tensors) - excused} {fmt} tensors map to the backend's "
+                   f"parameters ({len(account.loaded)} filled{', lm_head tied' if skip else ''})"
+                   + (f"; {excused} tensors {wrapper.__name__} does not use (task heads, HF's pooler, keys its "
+                      "model class ignores) are skipped" if excused else ""))
 
 
 # --- output ---------------------------------------------------------------------------------------------
-
-
-def _preview(values: List[Any], limit: int = 8) -> str:
-    shown = ", ".join(str(v) for v in values[:limit])
-    return shown + (f", ... ({len(values) - limit} more)" if len(values) > limit else "")
 
 
 def format_report(report: Report) -> str:

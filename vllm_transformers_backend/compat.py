@@ -2,6 +2,8 @@
 
 Every version check of the backend lives here, so that the rest of the code asks questions
 ("which dtype keyword does from_config take?") instead of comparing version strings.
+
+Decode step: not on it (read while a model is built).
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ class UnsupportedVersionError(RuntimeError):
     """A dependency is installed in a version the backend cannot work with."""
 
 
-#: Encoders whose HF attention goes through ALL_ATTENTION_FUNCTIONS only from a given release (found by
-#: reading each release's modeling file); older releases build name-keyed attention classes.
-ENCODER_INTERFACE_SINCE: Dict[str, str] = {
+#: Model types whose HF attention goes through ALL_ATTENTION_FUNCTIONS only from a given release (found by
+#: reading each release's modeling file); older releases build name-keyed attention classes. The backend
+#: refuses them before building there; the tests take their expectations from this table too.
+INTERFACE_SINCE: Dict[str, str] = {
+    "gpt_neox": "4.49.0",
     "esm": "4.56.0",
     **{model_type: "5.0.0" for model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert",
                                               "albert", "data2vec-text", "ernie")},
@@ -33,7 +37,7 @@ ENCODER_INTERFACE_SINCE: Dict[str, str] = {
 
 def attention_interface_hint(model_type: Optional[str]) -> str:
     """Which transformers release to install for a model type whose attention bypasses the interface."""
-    since = ENCODER_INTERFACE_SINCE.get(model_type or "")
+    since = INTERFACE_SINCE.get(model_type or "")
     if since is None:
         return ""
     return f" {model_type} goes through the attention interface from transformers {since}: install transformers>={since}."

@@ -1,9 +1,11 @@
 """The configuration bundle vLLM 0.6.2 does not hand to models.
 
 vLLM 0.6.2 constructs a model as ``cls(config=hf_config, cache_config=..., quant_config=...)``; the
-backend also needs the ``ModelConfig`` (dtype, ``trust_remote_code``, ``model_impl``,
-``max_model_len``) and the ``LoadConfig``. The ``model_loader`` patch wraps model construction in
-:func:`backend_config_scope`, and the backend reads the bundle back with :func:`current_backend_config`.
+backend also needs the ``ModelConfig`` (``trust_remote_code``, ``max_model_len``, the head size, the
+pooler override). The ``model_loader`` patch wraps model construction in :func:`backend_config_scope`,
+and the backend reads the bundle back with :func:`current_backend_config`.
+
+Decode step: not on it (read once, while the model is built).
 """
 from __future__ import annotations
 
@@ -16,18 +18,10 @@ from typing import Any, Iterator, Optional
 @dataclass(frozen=True)
 class BackendConfig:
     model_config: Any
-    load_config: Any = None
-    cache_config: Any = None
-    scheduler_config: Any = None
-    lora_config: Any = None
 
     @property
     def trust_remote_code(self) -> bool:
         return bool(getattr(self.model_config, "trust_remote_code", False))
-
-    @property
-    def model_impl(self) -> str:
-        return getattr(self.model_config, "model_impl", "auto")
 
 
 _CURRENT: contextvars.ContextVar[Optional[BackendConfig]] = contextvars.ContextVar(

@@ -141,6 +141,10 @@ _STYLE_TO_LINEAR: Dict[str, Tuple[type, Dict[str, Any]]] = {
 }
 
 
+#: The tp_plan styles the backend turns into a vLLM linear.
+KNOWN_LINEAR_STYLES = frozenset(_STYLE_TO_LINEAR)
+
+
 def linear_class_for_style(style: Optional[str]) -> Tuple[type, Dict[str, Any]]:
     if style is None:
         return _STYLE_TO_LINEAR["replicate"]

@@ -68,9 +68,9 @@ def _vllm_lora_class(layer: nn.Module, fully_sharded: bool, tp_size: int) -> Opt
 
 def check_supported(lora_config: Any, body_name: str, model_name: str) -> Optional[str]:
     """Why LoRA cannot run on this backend model (None: it can)."""
-    from vllm_transformers_backend.patches import status
+    from .runtime import patch_applied
 
-    if not any(s.name == "lora_layers" and s.applied for s in status()):
+    if not patch_applied("lora_layers")[0]:
         return ("the lora_layers patch of vLLM is not applied (see `python -m vllm_transformers_backend doctor`); "
                 "without it vLLM's LoRA manager cannot wrap the backend's linears")
     if body_name != "model":

@@ -12,6 +12,9 @@ discarded: on a later rank a pre-hook hands this rank's first layer the hidden s
 previous rank (so scaling or position embeddings the body applies to ``inputs_embeds`` are never applied
 twice), and on an earlier rank a hook takes the last layer's output as the hidden states to send. HF
 decoder layers carry the residual inside, so ``{"hidden_states": ...}`` is all that crosses ranks.
+
+Decode step: at the ends of this rank's layers: a pre-hook on the first hands it the received
+hidden states, a hook on the last keeps what is sent (``IntermediateTensors``).
 """
 from __future__ import annotations
 
@@ -57,10 +60,8 @@ def collect_pp_plan(hf_model: nn.Module, body: nn.Module, body_name: str, text_c
 class PipelineStage:
     """This rank's part of the body, and the hidden states it receives and sends."""
 
-    def __init__(self, rank: int, size: int, start_layer: int, end_layer: int, layers_name: str) -> None:
-        self.rank, self.size = rank, size
+    def __init__(self, rank: int, size: int, start_layer: int, end_layer: int) -> None:
         self.start_layer, self.end_layer = start_layer, end_layer
-        self.layers_name = layers_name
         self.is_first, self.is_last = rank == 0, rank == size - 1
         #: Body-relative names of the modules replaced by PPMissingLayer.
         self.missing: List[str] = []
@@ -91,31 +92,42 @@ def _returns_tuple_hint(layer: nn.Module) -> bool:
     return "tuple" in str(annotation).lower()
 
 
-def split_body(body: nn.Module, plan: Dict[str, Any], num_layers: int, rank: int, size: int,
-               keep_input_embedding_on_last: bool) -> PipelineStage:
-    """Replaces the modules other ranks hold with :class:`PPMissingLayer` and hooks the hand-over."""
-    from vllm.distributed.utils import get_pp_indices
-
+def plan_modules(body: nn.Module, plan: Dict[str, Any], num_layers: int) -> Tuple[Dict[str, nn.Module], str]:
+    """The modules a pp_plan names (in its order) and the name of the decoder-layer list among them; raises
+    :class:`PipelineError` for a plan the body cannot be split by (also ``check``'s verdict)."""
     names = list(plan)
+    absent = []
     modules = {}
     for name in names:
         try:
             modules[name] = body.get_submodule(name)
         except AttributeError:
-            raise PipelineError(f"pp_plan names {name!r}, which {type(body).__name__} does not have") from None
+            absent.append(name)
+    if absent:
+        raise PipelineError(f"pp_plan names {', '.join(map(repr, absent))}, which {type(body).__name__} does not have")
     lists = [name for name in names if isinstance(modules[name], nn.ModuleList)]
     if len(lists) != 1:
         raise PipelineError(f"{type(body).__name__}'s pp_plan must name exactly one nn.ModuleList (the decoder "
                             f"layers); it names {lists or 'none'} among {names}")
     layers_name = lists[0]
+    if len(modules[layers_name]) != num_layers:
+        raise PipelineError(f"{layers_name} holds {len(modules[layers_name])} layers but the config says "
+                            f"num_hidden_layers={num_layers}; vLLM sizes the KV caches by the latter")
+    return modules, layers_name
+
+
+def split_body(body: nn.Module, plan: Dict[str, Any], num_layers: int, rank: int, size: int,
+               keep_input_embedding_on_last: bool) -> PipelineStage:
+    """Replaces the modules other ranks hold with :class:`PPMissingLayer` and hooks the hand-over."""
+    from vllm.distributed.utils import get_pp_indices
+
+    modules, layers_name = plan_modules(body, plan, num_layers)
+    names = list(modules)
     layers = modules[layers_name]
-    if len(layers) != num_layers:
-        raise PipelineError(f"{layers_name} holds {len(layers)} layers but the config says num_hidden_layers="
-                            f"{num_layers}; vLLM sizes the KV caches by the latter")
     start, end = get_pp_indices(num_layers, rank, size)
     if end <= start:
         raise PipelineError(f"pipeline rank {rank} of {size} gets no layer of {num_layers}")
-    stage = PipelineStage(rank, size, start, end, layers_name)
+    stage = PipelineStage(rank, size, start, end)
     stage.layer_returns_tuple = _returns_tuple_hint(layers[start])
     split = names.index(layers_name)
     embedding = body.get_input_embeddings() if hasattr(body, "get_input_embeddings") else None

@@ -8,6 +8,9 @@ returned to vLLM's ``EmbeddingModelRunner`` (or the CPU one the cpu_embedding pa
 Which pooling: ``override_pooler_config`` if the user gave one, else the checkpoint's
 sentence-transformers layout (``modules.json``, its Pooling module's ``config.json``, a ``Normalize``
 module), else CLS for encoders and LAST for decoders, normalised (what vLLM's embedding models do).
+
+Decode step: none (prompts only); after the body, the step's hidden states are pooled per prompt
+instead of turned into logits.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from vllm.sequence import EmbeddingSequenceGroupOutput, PoolerOutput
 
 from ._logging import get_logger
 from .base import Base, BackendError
+from .options import POOLING_TYPES
 from .weights import WeightsMapper
 
 logger = get_logger(__name__)
@@ -47,7 +51,7 @@ class EmbeddingPooler(nn.Module):
 
     def __init__(self, pooling_type: str, normalize: bool) -> None:
         super().__init__()
-        if pooling_type not in ("CLS", "MEAN", "LAST"):
+        if pooling_type not in POOLING_TYPES:
             raise ValueError(f"unknown pooling type {pooling_type!r}")
         self.pooling_type = pooling_type
         self.normalize = normalize
@@ -121,6 +125,13 @@ def sentence_transformers_pooling(model: str, revision: Optional[str] = None) ->
     return (pooling_type, normalize) if pooling_type else None
 
 
+def strip_hf_pooler(body: nn.Module) -> None:
+    """Drops HF's own pooler (BERT's dense + tanh over CLS): not what embeddings use, and task checkpoints
+    (masked LM, classification) do not carry its weights."""
+    if isinstance(getattr(body, "pooler", None), nn.Module):
+        body.pooler = None
+
+
 def is_task_head_key(key: str, body_children: Iterable[str], prefixes: Sequence[str]) -> bool:
     """A checkpoint key the embedding model does not use: task heads (masked-LM, classifiers) live outside
     the body's own children, and HF's pooler is dropped. Applies to keys that map nowhere only."""
@@ -139,10 +150,7 @@ class TransformersForEmbedding(Base):
     supports_encoder = True
 
     def _post_init(self, hf_model: nn.Module) -> None:
-        # HF's own pooler (BERT's dense + tanh over CLS) is not what embeddings use, and task checkpoints
-        # (masked LM, classification) do not carry its weights.
-        if isinstance(getattr(self.model, "pooler", None), nn.Module):
-            self.model.pooler = None
+        strip_hf_pooler(self.model)
         spec = self._pooling_spec()
         logger.info("Transformers backend embeddings: %s pooling, normalize=%s (%s)", spec.pooling_type,
                     spec.normalize, spec.source)
@@ -160,16 +168,18 @@ class TransformersForEmbedding(Base):
             source = "override_pooler_config"
         return PoolingSpec(pooling_type, normalize, source)
 
-    def weights_mapper(self) -> WeightsMapper:
-        mapper = super().weights_mapper()
-        children = {name for name, _ in self.model.named_children()}
-        prefixes = (self._checkpoint_prefix, getattr(self.hf_model_class, "base_model_prefix", ""))
+    @classmethod
+    def checkpoint_mapper(cls, hf_model: nn.Module, checkpoint_prefix: str, body: nn.Module) -> WeightsMapper:
+        mapper = super().checkpoint_mapper(hf_model, checkpoint_prefix, body)
+        children = {name for name, _ in body.named_children()}
+        prefixes = (checkpoint_prefix, getattr(type(hf_model), "base_model_prefix", ""))
         mapper.ignore_unexpected_fns.append(lambda key: is_task_head_key(key, children, prefixes))
         return mapper
 
+    @classmethod
+    def checkpoint_target(cls, hf_model: nn.Module, body: nn.Module) -> nn.Module:
+        strip_hf_pooler(body)
+        return super().checkpoint_target(hf_model, body)
+
     def pooler(self, hidden_states: torch.Tensor, pooling_metadata: PoolingMetadata) -> PoolerOutput:
         return self.embedding_pooler(hidden_states, pooling_metadata)
-
-
-#: The name newer vLLM gives the same model class.
-TransformersModel = TransformersForEmbedding

@@ -7,6 +7,8 @@ backend builds its embedding model, or its sequence-classification model for the
 reward tasks. Called by the patched
 ``get_model_architecture`` at model load and per request (input processing), so it is cheap and always
 returns the same class object for the same model.
+
+Decode step: not on it (runs when the engine loads the model and per request's input processing).
 """
 from __future__ import annotations
 

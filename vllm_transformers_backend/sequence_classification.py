@@ -117,7 +117,6 @@ class TransformersForSequenceClassification(Base):
         setattr(hf_model, self._checkpoint_prefix, self._body_output)
         #: HF's sequence-classification model without its body: the head modules and HF's forward.
         self.head = hf_model
-        self._head_names = head_names(hf_model, self._checkpoint_prefix)
         self.task = pooling_task_of(self.bundle.model_config) or "classify"
         if self.task not in HEAD_TASKS:
             raise BackendError(f"task={self.task!r} does not use a sequence-classification head")
@@ -199,21 +198,32 @@ class TransformersForSequenceClassification(Base):
 
     # --- weights ---------------------------------------------------------------------------------
 
-    def weights_mapper(self) -> WeightsMapper:
-        mapper = super().weights_mapper()
-        add_head_prefixes(mapper, self._head_names)
+    @classmethod
+    def checkpoint_mapper(cls, hf_model: nn.Module, checkpoint_prefix: str, body: nn.Module) -> WeightsMapper:
+        mapper = super().checkpoint_mapper(hf_model, checkpoint_prefix, body)
+        add_head_prefixes(mapper, head_names(hf_model, checkpoint_prefix))
         return mapper
+
+    @classmethod
+    def checkpoint_target(cls, hf_model: nn.Module, body: nn.Module) -> nn.Module:
+        """The body under ``model`` and HF's head modules under ``head`` (the names the wrapper loads)."""
+        target = super().checkpoint_target(hf_model, body)
+        target.head = nn.Module()
+        for name in head_names(hf_model, next((n for n, child in hf_model.named_children() if child is body), "")):
+            target.head.add_module(name, getattr(hf_model, name))
+        return target
 
 
 def _require_token_type_runners() -> None:
     """Pairs' token types reach the model only through the runner patches (see token_types); without them a
     cross-encoder would silently read every pair as one segment."""
-    from vllm_transformers_backend.patches import status
+    from .runtime import patch_applied
 
-    missing = [s for s in status() if s.name in ("embedding_runner", "cpu_embedding") and not s.applied]
+    missing = [(name, patch_applied(name)[1]) for name in ("embedding_runner", "cpu_embedding")
+               if not patch_applied(name)[0]]
     if missing:
         raise BackendError("this model reads token types (BERT-style pairs), which reach it through the patches "
-                           + ", ".join(f"{s.name} ({s.error or 'not applied'})" for s in missing)
+                           + ", ".join(f"{name} ({error or 'not applied'})" for name, error in missing)
                            + "; run `python -m vllm_transformers_backend doctor`.")
 
 

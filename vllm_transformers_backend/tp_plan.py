@@ -16,14 +16,16 @@ containers, embeddings) are not sharded: those modules stay whole on every rank 
 result, which is what transformers' sharded computation sums back to. Only a linear-sharding style on a
 module that holds parameters the backend cannot shard, and ``all_reduce`` (a module whose own arithmetic
 ends in a partial sum), are refused.
+
+Decode step: not on it (decides at build time which vLLM linear each projection becomes).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from .layers import _STYLE_TO_LINEAR, UnsupportedTPStyleError, plan_regexes
+from .layers import KNOWN_LINEAR_STYLES, UnsupportedTPStyleError, plan_regexes
 
 #: Styles that shard a linear's weight; on a module the backend does not replace they cannot be honoured.
 LINEAR_SHARDING_STYLES = frozenset({
@@ -145,11 +147,6 @@ class TPPlan:
         if problems:
             raise UnsupportedTPStyleError(
                 "the model's tp_plan cannot be honoured by the Transformers backend:\n  " + "\n  ".join(problems)
-                + f"\nKnown styles for nn.Linear: {', '.join(sorted(_STYLE_TO_LINEAR))}. Run with "
+                + f"\nKnown styles for nn.Linear: {', '.join(sorted(KNOWN_LINEAR_STYLES))}. Run with "
                 "tensor_parallel_size=1, or adapt the plan.")
         return kept
-
-
-def describe(names: Iterable[str], limit: int = 6) -> str:
-    names = list(names)
-    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -5,6 +5,8 @@ fully used. :class:`WeightsMapper` renames with ordered regex rules and then tri
 against the parameters that exist, so that checkpoints saved with, without or with another base-model
 prefix all load. :func:`load_weights` refuses a checkpoint with keys that map nowhere and a model with
 parameters the checkpoint did not fill, listing them.
+
+Decode step: not on it (runs once, when the engine loads the checkpoint).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Pa
 
 import torch
 from torch import nn
+
+from ._logging import preview
 
 #: Buffers HF computes at construction that old checkpoints still carry.
 _COMPUTED_BUFFERS = (r"\.rotary_emb\.inv_freq$", r"(^|\.)rotary_emb\.", r"\.attn\.masked_bias$")
@@ -66,6 +70,11 @@ class WeightsMapper:
     ignore_unexpected_fns: List[Callable[[str], bool]] = field(default_factory=list)
     #: Module name of a fused sibling (``model.layers.0.self_attn.q_proj``) -> where its tensors load.
     stacked: Dict[str, StackedShard] = field(default_factory=dict)
+
+    def copy(self) -> "WeightsMapper":
+        """A mapper with the same rules whose lists can grow apart from this one's."""
+        return WeightsMapper(list(self.renames), list(self.rename_fns), list(self.prefixes), list(self.ignore),
+                             list(self.ignore_unexpected), list(self.ignore_unexpected_fns), dict(self.stacked))
 
     def add_rename(self, pattern: str, replacement: str) -> None:
         self.renames.append((re.compile(pattern), replacement))
@@ -186,70 +195,104 @@ def _default_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
-def load_weights(
-    module: nn.Module,
-    weights: Iterable[Tuple[str, torch.Tensor]],
-    mapper: WeightsMapper,
-    *,
-    skip: Sequence[str] = (),
-    optional: Sequence[str] = (),
-) -> Set[str]:
-    """Loads ``weights`` into ``module``'s parameters (and persistent buffers) through ``mapper``.
+@dataclass
+class LoadAccount:
+    """What a checkpoint does to a module: the names it fills and what does not fit."""
 
-    ``skip``: model names whose checkpoint entries are dropped (a tied ``lm_head.weight``).
-    ``optional``: model names that may stay unloaded. Returns the loaded names.
-    """
+    loaded: Set[str] = field(default_factory=set)
+    #: checkpoint keys that map to no parameter and that no rule excuses
+    unmapped: List[str] = field(default_factory=list)
+    #: checkpoint keys that map nowhere but a rule excuses (task heads, a class's ignore list)
+    excused: List[str] = field(default_factory=list)
+    #: parameters no checkpoint tensor filled (the skipped ones aside)
+    missing: List[str] = field(default_factory=list)
+    #: (checkpoint key, its shape, parameter, the parameter's shape): dry runs only (loading raises)
+    mismatched: List[Tuple[str, Tuple[int, ...], str, Tuple[int, ...]]] = field(default_factory=list)
+
+
+def _account(module: nn.Module, weights: Iterable[Tuple[str, Any]], mapper: WeightsMapper, skip: Sequence[str],
+             dry_run: bool) -> LoadAccount:
+    """The loader's bookkeeping, shared by loading (``weights`` are tensors, copied in) and the dry run
+    (``weights`` are shapes or None, as a checkpoint header lists them; nothing is copied)."""
     params = dict(module.named_parameters(remove_duplicate=False))
     buffers = dict(module.named_buffers())
     targets = {**buffers, **params}
-    skip_set, loaded, unmapped = set(skip), set(), []
+    skip_set = set(skip)
+    account = LoadAccount()
     # Fused parameters are complete when every shard has loaded: (fused parameter) -> shard ids loaded.
     shards_loaded: Dict[str, Set[Any]] = {}
     for name, tensor in weights:
         target, shard, unexpected = mapper.resolve(name, targets)
         if target is None:
             if unexpected:
-                unmapped.append(name)
+                account.unmapped.append(name)
+            elif not mapper.is_ignored(name):
+                account.excused.append(name)
             continue
         if target in skip_set:
             continue
+        shape = None if tensor is None else tuple(tensor if dry_run else tensor.shape)
         if target in params:
             param = params[target]
-            loader = getattr(param, "weight_loader", _default_loader)
-            try:
-                if shard is None:
-                    loader(param, tensor)
-                else:
-                    _check_shard_shape(shard, target, tensor)
-                    loader(param, tensor, shard.shard_id)
-                    shards_loaded.setdefault(target, set()).add(shard.shard_id)
-            except (AssertionError, RuntimeError, WeightsLoadingError) as exc:
-                raise WeightsLoadingError(
-                    f"checkpoint tensor {name!r} {tuple(tensor.shape)} does not fit parameter {target!r} "
-                    f"{tuple(param.shape)}{_shard_note(shard)}: {exc}"
-                ) from exc
+            if dry_run:
+                expected = tuple(param.shape) if shard is None else shard.shapes.get(target.rpartition(".")[2])
+                if shape is not None and expected is not None and shape != tuple(expected):
+                    account.mismatched.append((name, shape, target, tuple(expected)))
+            else:
+                loader = getattr(param, "weight_loader", _default_loader)
+                try:
+                    if shard is None:
+                        loader(param, tensor)
+                    else:
+                        _check_shard_shape(shard, target, tensor)
+                        loader(param, tensor, shard.shard_id)
+                except (AssertionError, RuntimeError, WeightsLoadingError) as exc:
+                    raise WeightsLoadingError(
+                        f"checkpoint tensor {name!r} {tuple(tensor.shape)} does not fit parameter {target!r} "
+                        f"{tuple(param.shape)}{_shard_note(shard)}: {exc}"
+                    ) from exc
+            if shard is not None:
+                shards_loaded.setdefault(target, set()).add(shard.shard_id)
         else:
             buffer = buffers[target]
-            if buffer.shape != tensor.shape:
+            if shape is not None and tuple(buffer.shape) != shape:
                 continue  # a buffer HF recomputes (causal masks of old GPT-2 checkpoints and the like)
-            buffer.copy_(tensor)
-        loaded.add(target)
-    if unmapped:
-        raise WeightsLoadingError(
-            f"{len(unmapped)} checkpoint tensor(s) map to no parameter of {type(module).__name__}: "
-            f"{_preview(unmapped)}. The checkpoint does not match the model's architecture, or it needs a "
-            "renaming rule; parameters look like: " + _preview(sorted(params))
-        )
+            if not dry_run:
+                buffer.copy_(tensor)
+        account.loaded.add(target)
     fused = {shard.fused for shard in mapper.stacked.values()}
-    missing = sorted(n for n in params if n not in loaded and n not in skip_set and n not in set(optional)
-                     and n.rpartition(".")[0] not in fused)
-    missing += _missing_shards(mapper, params, shards_loaded)
-    if missing:
+    account.missing = sorted(n for n in params if n not in account.loaded and n not in skip_set
+                             and n.rpartition(".")[0] not in fused)
+    account.missing += _missing_shards(mapper, params, shards_loaded)
+    return account
+
+
+def load_weights(
+    module: nn.Module,
+    weights: Iterable[Tuple[str, torch.Tensor]],
+    mapper: WeightsMapper,
+    *,
+    skip: Sequence[str] = (),
+) -> Set[str]:
+    """Loads ``weights`` into ``module``'s parameters (and persistent buffers) through ``mapper``.
+
+    ``skip``: model names whose checkpoint entries are dropped (a tied ``lm_head.weight``) and that may
+    stay unloaded. Returns the loaded names; raises when a key maps nowhere or a parameter stays empty.
+    """
+    account = _account(module, weights, mapper, skip, dry_run=False)
+    if account.unmapped:
         raise WeightsLoadingError(
-            f"{len(missing)} parameter(s) of {type(module).__name__} got no weights from the checkpoint: "
-            f"{_preview(missing)}. The checkpoint is incomplete or saved under other names."
+            f"{len(account.unmapped)} checkpoint tensor(s) map to no parameter of {type(module).__name__}: "
+            f"{preview(account.unmapped, 12)}. The checkpoint does not match the model's architecture, or it needs "
+            "a renaming rule; parameters look like: "
+            + preview(sorted(dict(module.named_parameters(remove_duplicate=False))), 12)
         )
-    return loaded
+    if account.missing:
+        raise WeightsLoadingError(
+            f"{len(account.missing)} parameter(s) of {type(module).__name__} got no weights from the checkpoint: "
+            f"{preview(account.missing, 12)}. The checkpoint is incomplete or saved under other names."
+        )
+    return account.loaded
 
 
 def _check_shard_shape(shard: StackedShard, target: str, tensor: torch.Tensor) -> None:
@@ -277,8 +320,9 @@ def _missing_shards(mapper: WeightsMapper, params: Dict[str, object], shards_loa
                 missing.append(f"{module}.{param}")
     return missing
 
-
-def _preview(names: Sequence[str], limit: int = 12) -> str:
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+def dry_run(module: nn.Module, shapes: Iterable[Tuple[str, Optional[Tuple[int, ...]]]], mapper: WeightsMapper, *,
+            skip: Sequence[str] = ()) -> LoadAccount:
+    """:func:`load_weights`' bookkeeping over checkpoint names and shapes alone (``check``: header-only
+    tensors, no data), against a module whose parameters have the checkpoint's shapes. Raises only what the
+    mapper raises (a transformers 5 conversion the backend cannot apply)."""
+    return _account(module, shapes, mapper, skip, dry_run=True)

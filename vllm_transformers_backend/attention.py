@@ -16,6 +16,11 @@ sequence: no KV cache, no padding, no attention across sequences.
 
 With no context (the HF model called outside the engine) the function falls back to SDPA with the mask
 the HF code passed.
+
+Decode step: the context opens around the HF body call; inside each layer, after q/k/v, the
+rotation and before ``o_proj``, the ``"vllm"`` function hands q/k/v to the layer's vLLM ``Attention``
+(paged KV cache; FlashAttention/XFormers/SDPA as vLLM selected). On the first forward only it records
+which layers called it.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ class EncoderOnlyAttention:
 class AttentionContext:
     """What one forward step's attention calls need: instances, KV caches, metadata."""
 
-    __slots__ = ("instances", "kv_caches", "attn_metadata", "start_layer", "called", "rotary")
+    __slots__ = ("instances", "kv_caches", "attn_metadata", "start_layer", "called", "rotary", "rotary_modules")
 
     def __init__(
         self,
@@ -57,6 +62,7 @@ class AttentionContext:
         attn_metadata: Any,
         start_layer: int = 0,
         record_calls: bool = False,
+        rotary_modules: Optional[Dict[str, Optional[bool]]] = None,
     ) -> None:
         self.instances = instances
         self.kv_caches = kv_caches
@@ -64,6 +70,9 @@ class AttentionContext:
         self.start_layer = start_layer
         #: This step's rotary table for vLLM's kernel (see rotary.py), built by the first layer.
         self.rotary: Any = None
+        #: The model's rotary state (rotary.py): the modeling modules whose rotation runs through vLLM's kernel
+        #: in this model's forward. None: not scoped to a model (a bare context, as in the kernel tests).
+        self.rotary_modules = rotary_modules
         #: Layers whose attention ran through the interface; recorded on the first step only.
         self.called: Optional[Set[int]] = set() if record_calls else None
 
@@ -101,10 +110,12 @@ def vllm_attention_forward(
         return sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer_idx = module.layer_idx
     attn = ctx.instances[layer_idx]
+    if isinstance(attn, EncoderOnlyAttention):
+        if ctx.called is not None:
+            ctx.called.add(layer_idx)
+        return attn(module, query, key, value, scaling, **kwargs)
     if ctx.called is not None:
         ctx.called.add(layer_idx)
-    if isinstance(attn, EncoderOnlyAttention):
-        return attn(module, query, key, value, scaling, **kwargs)
     num_tokens = query.shape[-2]
     q = query.transpose(1, 2).reshape(num_tokens, -1)
     k = key.transpose(1, 2).reshape(num_tokens, -1)
@@ -123,9 +134,13 @@ def register_attention_function() -> None:
     """Adds ``"vllm"`` to ``ALL_ATTENTION_FUNCTIONS`` (idempotent; needs transformers >= 4.48)."""
     from .compat import attention_functions
 
+    from . import runtime
+
     functions = attention_functions()
     register = getattr(functions, "register", None)
     if register is not None:
         register(ATTN_IMPLEMENTATION, vllm_attention_forward)
     else:  # 4.48-4.49: a plain mapping
         functions[ATTN_IMPLEMENTATION] = vllm_attention_forward
+    runtime.add(functions, ATTN_IMPLEMENTATION, vllm_attention_forward, by="attention",
+                where="transformers ALL_ATTENTION_FUNCTIONS")

@@ -5,10 +5,21 @@ Construction (inside vLLM's loader, under ``with torch.device(target)`` and the 
 1. build the HF model from its config with parameters on the meta device (buffers such as rotary
    ``inv_freq`` are computed for real, on the target device; :mod:`.hf_model`, shared with ``check``);
 2. with pipeline parallelism, keep this rank's modules (``pp_plan``, :mod:`.pipeline`); swap
-   ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style, :mod:`.tp_plan`), RMSNorms for
-   vLLM's, the input embedding for ``VocabParallelEmbedding`` (keeping ``embed_scale``);
-3. create one vLLM ``Attention`` per layer, reached from the ``"vllm"`` attention function;
-4. allocate what is still on meta on the target device; weights come later through ``load_weights``.
+   ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style, :mod:`.tp_plan`) and the input
+   embedding for ``VocabParallelEmbedding`` (keeping ``embed_scale``);
+3. run the speed passes (:mod:`.passes`): RMS norms, q/k/v and gate/up fusion, gated MLPs, rotary,
+   residual fusion; the model keeps their reports (``speed_passes``, shown by ``doctor``);
+4. create one vLLM ``Attention`` per layer, reached from the ``"vllm"`` attention function;
+5. allocate what is still on meta on the target device; weights come later through ``load_weights``.
+
+Decode step (``forward``, called by vLLM's model runner): open the attention context (:mod:`.attention`:
+this step's KV caches and metadata, the model's rotary state) and call the HF body on the step's tokens
+as one batch (``[1, tokens]``): the input embedding, then per decoder layer the RMS norm (or the fused
+add-and-norm), q/k/v as one GEMM, the rotation, the ``"vllm"`` attention function and vLLM's paged
+attention, ``o_proj``, the second norm, gate/up as one GEMM, ``act_and_mul``, ``down_proj``, the residual
+adds (or the residual carried to the next layer); then the final norm. The hidden states
+(``[tokens, hidden]``) go to the wrapper's head (:mod:`.causal`) or pooler (:mod:`.pooling`), or to the
+next pipeline rank. README "Layout" lists the same path with the module behind each step.
 """
 from __future__ import annotations
 
@@ -21,12 +32,13 @@ from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.sequence import IntermediateTensors
 
-from . import compat, devices, fusion, hf_model as hf, lora, pipeline, quantization, residual, rotary, sliding_window
+from . import compat, devices, fusion, hf_model as hf, lora, pipeline, quantization, sliding_window
 from ._logging import get_logger, preview
 from .attention import AttentionContext, EncoderOnlyAttention, attention_context, register_attention_function
 from .config import BackendConfig, current_backend_config
 from .hf_model import BackendError
-from .layers import GatheredHeadsAttention, make_embedding, make_linear, make_rms_norm, rms_norm_form
+from .layers import GatheredHeadsAttention, make_embedding, make_linear
+from .passes import Build, PassReport, run_speed_passes
 from .tp_plan import TPPlan, collect_tp_plan
 from .weights import WeightsMapper, build_weights_mapper, load_weights
 from .windowed_attention import WindowedAttention
@@ -115,14 +127,15 @@ class Base(nn.Module):
         self._tp_plan_map = collect_tp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
         self._replace_modules()
         head_size = self.bundle.model_config.get_head_size()
-        fusion.fuse_projections(self.model, quant_config=self.quant_config, tp_size=self.tp_size, head_size=head_size,
-                                prefix=self._checkpoint_prefix)
-        # vLLM's activation kernels where they exist; the CPU engine keeps HF's exact math (tests compare)
-        fusion.fuse_glu_activations(self.model, use_kernels=self.device.type != "cpu"
-                                    and not devices.prefers_native_layer_forward(self.device))
-        self.fused_rotary = rotary.fuse_rotary(self.model, self.device)
-        if not self.is_encoder:
-            residual.fuse_residual_norms(self.model, self.text_config.num_hidden_layers)
+        self.speed_passes: List[PassReport] = run_speed_passes(Build(
+            self.model, self.device, tp_size=self.tp_size, quant_config=self.quant_config, head_size=head_size,
+            num_layers=self.text_config.num_hidden_layers, is_encoder=self.is_encoder,
+            prefix=self._checkpoint_prefix, owner=self))
+        rotary = next((r for r in self.speed_passes if r.name == "rotary"), None)
+        #: The modeling modules whose rotation runs through vLLM's kernel in this model's forward, and whether
+        #: their cos/sin halves were found equal (rotary.py); empty when the rotary pass did not run.
+        self._rotary_modules: Dict[str, Optional[bool]] = dict(rotary.forward_state or {}) if rotary else {}
+        self.fused_rotary: Optional[str] = ", ".join(self._rotary_modules) or None
         self.attention_instances: Dict[int, Any] = self._create_attention_instances()
         self._post_init(hf_model)
         self._declare_lora_modules()
@@ -187,20 +200,14 @@ class Base(nn.Module):
         def walk(module: nn.Module, prefix: str) -> None:
             for name, child in list(module.named_children()):
                 qualname = f"{prefix}.{name}" if prefix else name
-                new: Optional[nn.Module] = None
                 if hf.is_linear(child):
                     in_features, out_features = hf.linear_features(child)
-                    new = make_linear(in_features, out_features, child.bias is not None, style_of(qualname),
-                                      self.quant_config, self.checkpoint_name(qualname),
-                                      transposed_checkpoint=hf.is_conv1d(child), kv_head_size=kv_size_for(out_features))
+                    setattr(module, name, make_linear(
+                        in_features, out_features, child.bias is not None, style_of(qualname), self.quant_config,
+                        self.checkpoint_name(qualname), transposed_checkpoint=hf.is_conv1d(child),
+                        kv_head_size=kv_size_for(out_features)))
                 else:
-                    form = rms_norm_form(child)
-                    if form is not None:
-                        new = make_rms_norm(child, form, self.device)
-                if new is None:
                     walk(child, qualname)
-                else:
-                    setattr(module, name, new)
 
         walk(self.model, "")
         embedding = self.model.get_input_embeddings()
@@ -339,7 +346,7 @@ class Base(nn.Module):
         if self.is_encoder:
             return self._encoder_forward(input_ids, attn_metadata)
         ctx = AttentionContext(self.attention_instances, kv_caches, attn_metadata, self.start_layer,
-                               record_calls=not self._dispatch_verified)
+                               record_calls=not self._dispatch_verified, rotary_modules=self._rotary_modules)
         hf_inputs: Dict[str, Any] = {"position_ids": positions[None, ...]}
         stage = self.pipeline
         if stage is not None and not stage.is_first:
@@ -399,7 +406,8 @@ class Base(nn.Module):
 
     def _run_encoder(self, **inputs: torch.Tensor) -> Any:
         """One forward of the HF encoder body on a padding-free batch; returns HF's output object."""
-        ctx = AttentionContext(self.attention_instances, [], None, record_calls=not self._dispatch_verified)
+        ctx = AttentionContext(self.attention_instances, [], None, record_calls=not self._dispatch_verified,
+                               rotary_modules=self._rotary_modules)
         with attention_context(ctx):
             outputs = self.model(**inputs, return_dict=True)
         if ctx.called is not None:

@@ -9,6 +9,8 @@ Cambricon MLU: ``torch_mlu`` registers the ``"mlu"`` device and ``torch.mlu`` (a
 that vLLM put on it; the parent process only asks whether it is installed (``find_spec``), because
 initialising the MLU before vLLM forks its workers makes them fail ("Cannot re-initialize MLU in
 forked subprocess").
+
+Decode step: not on it (decides at build time which forward each vLLM layer runs on the device).
 """
 from __future__ import annotations
 
@@ -134,6 +136,13 @@ def prefers_native_layer_forward(device: torch.device) -> bool:
     if kind == "mlu" and hasattr(CustomOp, "forward_mlu"):
         return False
     return True
+
+
+def runs_vllm_activation_kernels(device: torch.device) -> bool:
+    """Whether vLLM's activation CustomOps (``act_and_mul``) should run their kernels here: not on the CPU,
+    whose engine keeps HF's exact PyTorch math (tests compare with HF), nor where the native forward is
+    preferred (:func:`prefers_native_layer_forward`)."""
+    return torch.device(device).type != "cpu" and not prefers_native_layer_forward(device)
 
 
 def has_vllm_gpu_kernels(device: torch.device) -> bool:

@@ -15,7 +15,9 @@ Switches (all on by default; ``0``/``false``/``no``/``off`` turn one off, any ot
   fused layers and the residual fusion, as it always did), ``..._FUSE_GLU`` (gated MLP activation as one
   kernel), ``..._FUSE_RESIDUAL`` (residual adds in vLLM's add-and-norm kernel), ``..._FUSED_ROTARY``
   (HF's rotation through vLLM's kernel: ``1`` where vLLM's GPU kernels run, ``all`` also elsewhere,
-  e.g. the CPU build in tests, ``0`` never).
+  e.g. the CPU build in tests, ``0`` never);
+* ``VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW``: sliding-window layers on FlashAttention run vLLM's flash
+  kernel with the layer's window (``0``: the backend's gathered window attention; :mod:`.windowed_attention`).
 
 Decode step: not on it (read while a model is built).
 """
@@ -56,6 +58,9 @@ environment_variables: Dict[str, Callable[[], Any]] = {
     "VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL", True),
     # Speed pass rotary: "1" where vLLM's GPU kernels run, "all" everywhere vllm._C has the op, "0" never.
     "VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY": lambda: _rotary("VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY"),
+    # Sliding-window layers on FlashAttention: vLLM's flash kernel with the layer's window (0: the backend's
+    # gathered window attention instead; windowed_attention.py).
+    "VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW", True),
 }
 
 

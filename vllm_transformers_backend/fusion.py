@@ -1,8 +1,12 @@
-"""Projection fusion: sibling linears of one HF module (q/k/v, gate/up) run as one vLLM GEMM.
+"""Projection and gated-MLP fusion: the ``projections`` and ``glu`` speed passes (:mod:`.passes`).
 
-After the per-module replacement every HF ``nn.Linear`` is its own vLLM linear, so a Llama layer runs
-q, k and v as three GEMMs and gate/up as two, where vLLM's own models run one ``QKVParallelLinear`` and
-one ``MergedColumnParallelLinear``. :func:`fuse_projections` builds those merged layers, adds each to the
+Decode step: each attention's q/k/v projections run as one ``QKVParallelLinear`` GEMM and each gated
+MLP's gate/up as one ``MergedColumnParallelLinear`` GEMM (as in vLLM's own models), and a standard gated
+MLP runs ``down(act_and_mul(gate_up(x)))``: vLLM's one-kernel activation and product instead of HF's
+activation, product and the two slices.
+
+After the per-module replacement every HF ``nn.Linear`` is its own vLLM linear, so a Llama layer would
+run q, k and v as three GEMMs and gate/up as two. :class:`ProjectionFusion` builds the merged layers, adds each to the
 HF parent under vLLM's name for it (``self_attn.qkv_proj``, ``mlp.gate_up_proj``), and puts a
 :class:`FusedSlice` in place of each sibling, keeping HF's forward untouched:
 
@@ -28,12 +32,14 @@ as by vLLM's own models; a group whose shards the checkpoint quantizes different
 
 Only well-known sibling names are fused, only when they are plain (column-parallel or replicated) vLLM
 linears of the same input size and quantization method with stock weight loaders.
-``VLLM_TRANSFORMERS_BACKEND_FUSE=0`` turns fusion off (A/B benchmarks).
+:class:`GluFusion` replaces an MLP's forward only when its source is exactly
+``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with an activation vLLM has as ``act_and_mul``.
+``VLLM_TRANSFORMERS_BACKEND_FUSE=0`` turns both off (A/B benchmarks); ``..._FUSE_GLU=0`` the second only.
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import types
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -41,11 +47,11 @@ from torch import nn
 from vllm.model_executor.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                                QKVParallelLinear, ReplicatedLinear, UnquantizedLinearMethod)
 
-from ._logging import get_logger
+from . import devices
+from .passes import Build, Replacement, SpeedPass, Verdict
 from .weights import StackedShard
 
-logger = get_logger(__name__)
-
+#: The switch of projection fusion (``0`` also turns off the gated-MLP and residual fusions).
 FUSE_ENV = "VLLM_TRANSFORMERS_BACKEND_FUSE"
 
 #: Sibling names fused into a ``QKVParallelLinear`` (shard ids "q", "k", "v") named ``qkv_proj``.
@@ -55,15 +61,6 @@ QKV_FUSED_NAME = "qkv_proj"
 #: gate/up of gated MLPs (InternLM2-style ``w1``/``w3`` too, under the name vLLM's InternLM2 gives them).
 MERGED_GROUPS: Tuple[Tuple[Tuple[str, ...], str], ...] = ((("gate_proj", "up_proj"), "gate_up_proj"),
                                                           (("w1", "w3"), "gate_up_proj"))
-
-
-def switched_on(env: str) -> bool:
-    """An on/off environment switch, on unless set to 0/false/no/off."""
-    return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def fusion_enabled() -> bool:
-    return switched_on(FUSE_ENV)
 
 
 class _FusedGroup:
@@ -276,58 +273,83 @@ def _install(parent: nn.Module, names: Sequence[str], shard_ids: Sequence[Any], 
         setattr(parent, name, FusedSlice(group, index, shard_id, original))
 
 
+_SHARD_IDS = {"qkv": ("q", "k", "v"), "gate_up": (0, 1)}
+
+
+class ProjectionFusion(SpeedPass):
+    """Sibling linears of one HF module (q/k/v, gate/up) -> one ``QKVParallelLinear`` /
+    ``MergedColumnParallelLinear`` GEMM each, under vLLM's names (this model's modules)."""
+
+    name = "projections"
+    switches = (FUSE_ENV,)
+
+    def sites(self, build: Build) -> List[Tuple[str, nn.Module, str, Tuple[str, ...], str]]:
+        self._packed: Dict[str, Tuple[str, ...]] = {}  # one sibling list per fused name (LoRA maps by name)
+        self._claimed: set = set()  # (parent, fused name) given to a group already in this run
+        found = []
+        groups = [("qkv", QKV_NAMES, QKV_FUSED_NAME)] + [("gate_up", names, fused) for names, fused in MERGED_GROUPS]
+        for qualname, parent in build.body.named_modules():
+            where = ".".join(p for p in (build.prefix, qualname) if p)
+            for kind, names, fused_name in groups:
+                if all(parent._modules.get(name) is not None for name in names):
+                    found.append((where, parent, kind, names, fused_name))
+        return found
+
+    def validate(self, site: Tuple[str, nn.Module, str, Tuple[str, ...], str], build: Build) -> Verdict:
+        where, parent, kind, names, fused_name = site
+        problem = self._problem(site, build)
+        if problem is None:
+            children, _ = _siblings(parent, names, build.tp_size)
+            full_name = f"{where}.{fused_name}" if where else fused_name
+            if kind == "qkv":
+                layer, problem = _qkv_layer(parent, *children, head_size=build.head_size, tp_size=build.tp_size,
+                                            quant_config=build.quant_config, prefix=full_name)
+            else:
+                layer, problem = _merged_layer(children, build.tp_size, build.quant_config, full_name)
+            if layer is not None:
+                self._packed[fused_name] = names
+                self._claimed.add((id(parent), fused_name))
+                return Verdict(None, (layer, children))
+        return Verdict(f"{'/'.join(names)}: {problem}")
+
+    def _problem(self, site: Tuple[str, nn.Module, str, Tuple[str, ...], str], build: Build) -> Optional[str]:
+        _, parent, _, names, fused_name = site
+        children, why = _siblings(parent, names, build.tp_size)
+        if children is None:
+            return why
+        if build.quant_config is not None and not _quantized_fusable(names, fused_name):
+            return f"quantized, and vLLM 0.6.2 does not unfold {fused_name} into {'/'.join(names)}"
+        if fused_name in parent._modules or hasattr(parent, fused_name) or (id(parent), fused_name) in self._claimed:
+            return f"{type(parent).__name__} already has a {fused_name!r} attribute"
+        if self._packed.get(fused_name, names) != names:
+            return f"{fused_name} already stands for {'/'.join(self._packed[fused_name])} in this model"
+        return None
+
+    def install(self, accepted: Sequence[Tuple[Any, Verdict]], build: Build) -> Tuple[List[Replacement], Any]:
+        replaced: Dict[Tuple[str, str], int] = {}
+        for (_, parent, kind, names, fused_name), verdict in accepted:
+            layer, children = verdict.data
+            _install(parent, names, _SHARD_IDS[kind], layer, children, fused_name)
+            key = (f"{type(parent).__name__}.{'/'.join(names)}", f"{fused_name} ({type(layer).__name__})")
+            replaced[key] = replaced.get(key, 0) + 1
+        return [Replacement(target, by, n) for (target, by), n in replaced.items()], None
+
+
 def fuse_projections(model: nn.Module, *, quant_config: Any, tp_size: int, head_size: int,
                      prefix: str = "model") -> Dict[str, int]:
-    """Fuses q/k/v and gate/up siblings in ``model`` (already holding vLLM linears), in place.
+    """Runs the projections pass on ``model`` (already holding vLLM linears) alone, in place.
 
     ``prefix``: the name of ``model`` in the checkpoint (its modules' quantization prefixes are
     ``{prefix}.{qualname}``, as the checkpoint's ignore lists spell them; "" when it has none).
     Returns how many groups of each kind were fused (empty when fusion is off).
     """
-    if not fusion_enabled():
-        logger.info("projection fusion off (%s=0)", FUSE_ENV)
+    report = ProjectionFusion().run(Build(model, torch.device("cpu"), tp_size=tp_size, quant_config=quant_config,
+                                          head_size=head_size, prefix=prefix))
+    if report.status != "on":
         return {}
     counts = {"qkv": 0, "gate_up": 0}
-    skipped: Dict[str, int] = {}
-    packed: Dict[str, Tuple[str, ...]] = {}  # one sibling list per fused name (LoRA maps by name)
-
-    def try_fuse(parent: nn.Module, where: str, names: Tuple[str, ...], fused_name: str, kind: str) -> str:
-        children, why = _siblings(parent, names, tp_size)
-        if children is None:
-            return why
-        if quant_config is not None and not _quantized_fusable(names, fused_name):
-            return f"quantized, and vLLM 0.6.2 does not unfold {fused_name} into {'/'.join(names)}"
-        if fused_name in parent._modules or hasattr(parent, fused_name):
-            return f"{type(parent).__name__} already has a {fused_name!r} attribute"
-        if packed.get(fused_name, names) != names:
-            return f"{fused_name} already stands for {'/'.join(packed[fused_name])} in this model"
-        full_name = f"{where}.{fused_name}" if where else fused_name
-        if kind == "qkv":
-            layer, why = _qkv_layer(parent, *children, head_size=head_size, tp_size=tp_size,
-                                    quant_config=quant_config, prefix=full_name)
-            shard_ids: Tuple[Any, ...] = ("q", "k", "v")
-        else:
-            layer, why = _merged_layer(children, tp_size, quant_config, full_name)
-            shard_ids = tuple(range(len(names)))
-        if layer is None:
-            return why
-        _install(parent, names, shard_ids, layer, children, fused_name)
-        packed[fused_name] = names
-        counts[kind] += 1
-        return ""
-
-    for qualname, parent in list(model.named_modules()):
-        where = ".".join(p for p in (prefix, qualname) if p)
-        groups = [(QKV_NAMES, QKV_FUSED_NAME, "qkv")] + [(names, fused, "gate_up") for names, fused in MERGED_GROUPS]
-        for names, fused_name, kind in groups:
-            why = try_fuse(parent, where, names, fused_name, kind)
-            if why:
-                key = f"{'/'.join(names)}: {why}"
-                skipped[key] = skipped.get(key, 0) + 1
-    for reason, n in skipped.items():
-        logger.info("projection fusion: %d module(s) left unfused (%s)", n, reason)
-    logger.info("projection fusion: %d q/k/v and %d gate/up groups fused%s", counts["qkv"], counts["gate_up"],
-                f" ({type(quant_config).__name__})" if quant_config is not None else "")
+    for r in report.replacements:
+        counts["qkv" if r.by.startswith(QKV_FUSED_NAME) else "gate_up"] += r.count
     return counts
 
 
@@ -371,35 +393,49 @@ def _glu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.vllm_act_and_mul(gate_up))
 
 
-def fuse_glu_activations(model: nn.Module, *, use_kernels: bool) -> int:
-    """Runs standard gated MLPs whose gate/up are fused as ``down(act_and_mul(gate_up(x)))``: one vLLM
-    activation kernel instead of HF's activation and product. ``use_kernels=False`` keeps the same PyTorch
-    math as HF (devices without vLLM kernels; the CPU engine, where tests compare with HF exactly).
-    Returns how many MLPs now run this way."""
-    import types
+class GluFusion(SpeedPass):
+    """A standard gated MLP forward -> ``down(act_and_mul(gate_up(x)))``, vLLM's one activation kernel
+    instead of HF's activation and product (instance forward of this model's MLPs).
 
-    from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
+    Its gate/up must be fused. On devices without vLLM kernels (the CPU engine, where tests compare with HF
+    exactly) the same PyTorch math as HF runs (``forward_native``)."""
 
-    if not fusion_enabled():
-        return 0
-    count = 0
-    for module in model.modules():
-        gate, up = module._modules.get("gate_proj"), module._modules.get("up_proj")
-        if not (isinstance(gate, FusedSlice) and isinstance(up, FusedSlice) and gate._group is up._group
-                and (gate.index, up.index) == (0, 1) and isinstance(module._modules.get("down_proj"), nn.Module)):
-            continue
-        kind = _GLU_ACTIVATIONS.get(type(getattr(module, "act_fn", None)).__name__)
-        if kind is None or (kind == "gelu_tanh" and getattr(module.act_fn, "approximate", "tanh") != "tanh"):
-            continue
-        if not _is_standard_glu_forward(module):
-            continue
-        act = SiluAndMul() if kind == "silu" else GeluAndMul(approximate="tanh")
-        if not use_kernels:
-            act._forward_method = act.forward_native
-        module.vllm_act_and_mul = act
-        module.forward = types.MethodType(_glu_forward, module)
-        count += 1
-    if count:
-        logger.info("gated MLPs: %d run their activation and product as one vLLM %s", count,
-                    "kernel" if use_kernels else "PyTorch step")
-    return count
+    name = "glu"
+    switches = (FUSE_ENV, "VLLM_TRANSFORMERS_BACKEND_FUSE_GLU")
+
+    def sites(self, build: Build) -> List[nn.Module]:
+        found = []
+        for module in build.body.modules():
+            gate, up = module._modules.get("gate_proj"), module._modules.get("up_proj")
+            if (isinstance(gate, FusedSlice) and isinstance(up, FusedSlice) and gate._group is up._group
+                    and (gate.index, up.index) == (0, 1) and isinstance(module._modules.get("down_proj"), nn.Module)):
+                found.append(module)
+        return found
+
+    def key(self, mlp: nn.Module) -> Hashable:
+        act = getattr(mlp, "act_fn", None)
+        return type(mlp), type(act), getattr(act, "approximate", None)
+
+    def validate(self, mlp: nn.Module, build: Build) -> Verdict:
+        act = getattr(mlp, "act_fn", None)
+        kind = _GLU_ACTIVATIONS.get(type(act).__name__)
+        if kind is None or (kind == "gelu_tanh" and getattr(act, "approximate", "tanh") != "tanh"):
+            return Verdict(f"{type(mlp).__name__}: activation {type(act).__name__} has no vLLM act_and_mul")
+        if not _is_standard_glu_forward(mlp):
+            return Verdict(f"{type(mlp).__name__}.forward is not down(act(gate(x)) * up(x))")
+        return Verdict(None, kind)
+
+    def install(self, accepted: Sequence[Tuple[Any, Verdict]], build: Build) -> Tuple[List[Replacement], Any]:
+        from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
+
+        use_kernels = devices.runs_vllm_activation_kernels(build.device)
+        replaced: Dict[str, int] = {}
+        for mlp, verdict in accepted:
+            act = SiluAndMul() if verdict.data == "silu" else GeluAndMul(approximate="tanh")
+            if not use_kernels:
+                act._forward_method = act.forward_native
+            mlp.vllm_act_and_mul = act
+            mlp.forward = types.MethodType(_glu_forward, mlp)
+            replaced[type(mlp).__name__] = replaced.get(type(mlp).__name__, 0) + 1
+        by = "down(act_and_mul(gate_up(x))) " + ("(vLLM kernel)" if use_kernels else "(PyTorch step)")
+        return [Replacement(f"{name}.forward", by, n) for name, n in replaced.items()], None

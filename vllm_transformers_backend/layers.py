@@ -1,5 +1,10 @@
 """vLLM layers that stand in for HF modules: linears by tensor-parallel style, RMSNorms, embeddings.
 
+Decode step: these are the HF model's input embedding (``VocabParallelEmbedding``,
+keeping ``embed_scale``), every projection (vLLM linears: column/row-parallel by ``tp_plan`` style, each
+returning the tensor HF expects) and every RMS norm (the ``rms_norm`` speed pass: vLLM's ``RMSNorm`` /
+``GemmaRMSNorm``, whose ``norm(x, residual)`` is also the fused add-and-norm of :mod:`.residual`).
+
 vLLM 0.6.2's linears return ``(output, bias)`` and have no ``return_bias``; HF modules expect a
 tensor, so each vLLM linear gets a thin subclass returning the output alone.
 """
@@ -7,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -19,6 +24,7 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLi
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from . import devices
+from .passes import Build, Replacement, SpeedPass, Verdict
 
 
 class TensorOutput:
@@ -205,9 +211,6 @@ class HFGemmaRMSNorm(_HFNormCall, GemmaRMSNorm):
     """vLLM's GemmaRMSNorm (``(1 + w) * x / rms(x)``) as a drop-in for an HF norm."""
 
 
-_NORM_FORMS: Dict[type, Optional[str]] = {}
-
-
 def _eps_of(module: nn.Module) -> Optional[float]:
     for name in ("variance_epsilon", "eps", "epsilon"):
         value = getattr(module, name, None)
@@ -216,23 +219,23 @@ def _eps_of(module: nn.Module) -> Optional[float]:
     return None
 
 
+def _looks_like_a_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 1 and _eps_of(module) is not None
+            and not list(module.children()))
+
+
 def rms_norm_form(module: nn.Module) -> Optional[str]:
     """``"plain"``, ``"gemma"`` (``1 + w``) or None (keep the HF module), decided numerically.
 
-    Class names lie both ways (gated or mean-centred norms called RMSNorm), so the HF forward runs
-    once per class on a small CPU probe with a random weight and is compared with both forms.
+    Class names lie both ways (gated or mean-centred norms called RMSNorm), so the HF forward runs on a
+    small CPU probe with a random weight and is compared with both forms (the ``rms_norm`` pass does it
+    once per class).
     """
-    cls = type(module)
-    if cls in _NORM_FORMS:
-        return _NORM_FORMS[cls]
-    form = None
-    weight = getattr(module, "weight", None)
-    eps = _eps_of(module)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 1 and eps is not None and not list(module.children()):
-        with devices.cpu_probe():
-            form = _probe_norm_form(module, weight.shape[0], eps)
-    _NORM_FORMS[cls] = form
-    return form
+    if not _looks_like_a_norm(module):
+        return None
+    with devices.cpu_probe():
+        return _probe_norm_form(module, module.weight.shape[0], _eps_of(module))
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -273,6 +276,34 @@ def make_rms_norm(module: nn.Module, form: str, device: torch.device) -> nn.Modu
     if (form == "gemma" and device.type == "cpu") or devices.prefers_native_layer_forward(device):
         norm._forward_method = norm.forward_native
     return norm
+
+
+class RmsNormPass(SpeedPass):
+    """HF RMS norms (any class name, found by their numerics) -> vLLM's ``RMSNorm`` / ``GemmaRMSNorm`` (this
+    model's modules)."""
+
+    name = "rms_norm"
+    switches = ("VLLM_TRANSFORMERS_BACKEND_RMS_NORM",)
+
+    def sites(self, build: Build) -> List[Tuple[nn.Module, str, nn.Module]]:
+        return [(parent, name, child) for parent in build.body.modules() for name, child in parent._modules.items()
+                if child is not None and _looks_like_a_norm(child)]
+
+    def key(self, site: Tuple[nn.Module, str, nn.Module]) -> Hashable:
+        return type(site[2])
+
+    def validate(self, site: Tuple[nn.Module, str, nn.Module], build: Build) -> Verdict:
+        form = rms_norm_form(site[2])
+        return Verdict(None, form) if form else Verdict(f"{type(site[2]).__name__} is not an RMS norm")
+
+    def install(self, accepted: Sequence[Tuple[Any, Verdict]], build: Build) -> Tuple[List[Replacement], Any]:
+        replaced: Dict[Tuple[str, str], int] = {}
+        for (parent, name, child), verdict in accepted:
+            norm = make_rms_norm(child, verdict.data, build.device)
+            setattr(parent, name, norm)
+            key = (type(child).__name__, type(norm).__name__)
+            replaced[key] = replaced.get(key, 0) + 1
+        return [Replacement(hf, vllm, n) for (hf, vllm), n in replaced.items()], None
 
 
 class ScaledVocabParallelEmbedding(VocabParallelEmbedding):

@@ -13,6 +13,8 @@ Residual fusion (``residual.py``) makes every decoder layer but the last return 
 the residual to the next layer, as vLLM's own models do. ``get_hf_model`` puts HF's layer forwards back by
 default, so a hook on a whole layer sees HF's output; ``hf_layer_outputs=False`` keeps the fused layers
 (faster; hooks on norms, attention, MLP and their children see HF's values either way).
+
+Decode step: not on it; hooks registered through it fire inside the step's HF module calls.
 """
 from __future__ import annotations
 
@@ -25,6 +27,23 @@ from ._logging import get_logger
 logger = get_logger(__name__)
 
 
+def backend_model(llm: Any) -> nn.Module:
+    """The backend model (``TransformersForCausalLM``/``TransformersForEmbedding``) inside ``llm``, as built:
+    its ``speed_passes`` say what was replaced (``doctor(llm)`` prints them). Single-process engines only."""
+    from .base import Base
+
+    runner = getattr(getattr(llm.llm_engine.model_executor, "driver_worker", None), "model_runner", None)
+    model = getattr(runner, "model", None)
+    if model is None:
+        raise ValueError("this LLM's model is not reachable in this process (multi-process executor: use "
+                         "tensor_parallel_size=1 and pipeline_parallel_size=1, or read the 'speed pass' lines its "
+                         "workers log)")
+    if not isinstance(model, Base):
+        raise ValueError(f"this LLM runs vLLM's own {type(model).__name__}, not a Hugging Face model: build it "
+                         "with model_impl='transformers'")
+    return model
+
+
 def get_hf_model(llm: Any, hf_layer_outputs: bool = True) -> nn.Module:
     """The HF model body (a ``PreTrainedModel``) the backend runs inside ``llm``.
 
@@ -33,18 +52,8 @@ def get_hf_model(llm: Any, hf_layer_outputs: bool = True) -> nn.Module:
     activations come flattened as one batch of all scheduled tokens (``[1, num_tokens, hidden]``).
     ``hf_layer_outputs``: decoder layers return HF's hidden states (residual fusion undone for this engine).
     """
-    from .base import Base
-
-    engine = llm.llm_engine
-    runner = getattr(getattr(engine.model_executor, "driver_worker", None), "model_runner", None)
-    model = getattr(runner, "model", None)
-    if model is None:
-        raise ValueError("this LLM's model is not reachable in this process (multi-process executor: use "
-                         "tensor_parallel_size=1 and pipeline_parallel_size=1)")
-    if not isinstance(model, Base):
-        raise ValueError(f"this LLM runs vLLM's own {type(model).__name__}, not a Hugging Face model: build it "
-                         "with model_impl='transformers'")
-    if not engine.model_config.enforce_eager:
+    model = backend_model(llm)
+    if not llm.llm_engine.model_config.enforce_eager:
         logger.warning("CUDA graphs are on: forward hooks will not fire on decode steps (graph replay runs no "
                        "Python). Build the LLM with enforce_eager=True to observe every step.")
     if hf_layer_outputs:
@@ -52,6 +61,10 @@ def get_hf_model(llm: Any, hf_layer_outputs: bool = True) -> nn.Module:
 
         undone = unfuse_residual_norms(model.model)
         if undone:
+            for speed_pass in model.speed_passes:  # what doctor(llm) lists is what runs
+                if speed_pass.name == "residual":
+                    speed_pass.status, speed_pass.reason = "undone", "get_hf_model(llm) put HF's layer forwards back"
+                    speed_pass.replacements = []
             logger.info("residual fusion undone on %d decoder layers: hooks on whole layers see HF's outputs "
                         "(get_hf_model(llm, hf_layer_outputs=False) keeps it)", undone)
     return model.model

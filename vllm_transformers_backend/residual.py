@@ -1,4 +1,10 @@
-"""Residual adds of pre-norm decoder layers folded into vLLM's add-and-norm kernel.
+"""Residual adds of pre-norm decoder layers folded into vLLM's add-and-norm kernel: the ``residual`` speed
+pass (:mod:`.passes`).
+
+Decode step: each qualifying decoder layer runs its own forward instead of HF's: ``input_layernorm(x,
+residual)`` (vLLM's fused add-and-norm, adding the residual the previous layer left), attention,
+``post_attention_layernorm(attn, residual)`` (fused again), the MLP, and it hands its MLP output and the
+residual to the next layer instead of adding them.
 
 An HF pre-norm layer (Llama, Mistral, Qwen, Gemma...) computes
 ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``: two residual adds and two stand-alone norms, four
@@ -6,7 +12,7 @@ kernels, where vLLM's own models run two ``fused_add_rms_norm`` calls by carryin
 layer to the next (``norm(x, residual)`` adds, stores the sum as the new residual and normalises it, in
 place). At decode batch sizes those kernels cost as much as a tenth of the step.
 
-:func:`fuse_residual_norms` gives each decoder layer that qualifies a forward doing what vLLM's layers do:
+:class:`ResidualFusion` gives each decoder layer that qualifies a forward doing what vLLM's layers do:
 
 * a layer in the middle of a run of such layers returns only its MLP output and leaves the residual on a
   carry object shared by the run; the next layer's ``input_layernorm(hidden_states, residual)`` adds the
@@ -30,18 +36,16 @@ from __future__ import annotations
 import copy
 import inspect
 import types
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import devices
-from ._logging import get_logger
-from .fusion import fusion_enabled, switched_on
+from .fusion import FUSE_ENV
 from .layers import HFGemmaRMSNorm, HFRMSNorm, rms_normalize
+from .passes import Build, Replacement, SpeedPass, Verdict
 from .pipeline import PPMissingLayer
-
-logger = get_logger(__name__)
 
 RESIDUAL_ENV = "VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL"
 _NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
@@ -49,10 +53,6 @@ _NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
 
 class ResidualFusionError(RuntimeError):
     pass
-
-
-def residual_fusion_enabled() -> bool:
-    return fusion_enabled() and switched_on(RESIDUAL_ENV)
 
 
 class _Carry:
@@ -145,25 +145,25 @@ def _probe_kwargs(params: Any) -> Dict[str, Any]:
     return {name: value for name, value in sentinel.items() if any_kwargs or name in params}
 
 
-class _Verdict(NamedTuple):
+class _Form(NamedTuple):
     problem: Optional[str]  # why the layer class keeps HF's forward (None: it can use the fused one)
     returns_tuple: bool = False  # HF's forward returns ``(hidden_states,)``
     attention_defaults: Dict[str, Any] = {}  # the forward's defaults that it hands the attention
     positional_names: Tuple[str, ...] = ()  # the forward's parameters after ``hidden_states``, in order
 
 
-def _qualification(layer: nn.Module) -> _Verdict:
+def _qualification(layer: nn.Module) -> _Form:
     children = layer._modules
     norms = [children.get(name) for name in _NORM_NAMES]
     if not all(isinstance(n, (HFRMSNorm, HFGemmaRMSNorm)) for n in norms) or type(norms[0]) is not type(norms[1]):
-        return _Verdict("its input/post-attention norms are not both vLLM RMS norms")
+        return _Form("its input/post-attention norms are not both vLLM RMS norms")
     if not isinstance(children.get("self_attn"), nn.Module) or not isinstance(children.get("mlp"), nn.Module):
-        return _Verdict("it has no self_attn/mlp pair")
+        return _Form("it has no self_attn/mlp pair")
     forward = type(layer).forward
     try:
         params = inspect.signature(forward).parameters
     except (TypeError, ValueError):
-        return _Verdict("its forward has no readable signature")
+        return _Form("its forward has no readable signature")
     modes = [(module, module.training) for module in layer.modules()]
     try:
         layer.eval()  # vLLM's loader sets eval mode too; dropout must not make the probe random
@@ -174,7 +174,7 @@ def _qualification(layer: nn.Module) -> _Verdict:
             module.training = mode
 
 
-def _probe(layer: nn.Module, forward: Any, params: Any, hidden: int) -> _Verdict:
+def _probe(layer: nn.Module, forward: Any, params: Any, hidden: int) -> _Form:
     kwargs = _probe_kwargs(params)
     gen = torch.Generator().manual_seed(0)
     norm1, norm2 = (_ProbeNorm(torch.rand(hidden, generator=gen) + 0.5) for _ in range(2))
@@ -189,7 +189,7 @@ def _probe(layer: nn.Module, forward: Any, params: Any, hidden: int) -> _Verdict
         probe._modules = {**layer._modules, "self_attn": attention, "mlp": _ProbeMLP(),
                           "input_layernorm": norm1, "post_attention_layernorm": norm2}
         if carry is not None:
-            install(probe, carry, _Verdict(None, False, defaults, positional), takes=takes, gives=gives,
+            install(probe, carry, _Form(None, False, defaults, positional), takes=takes, gives=gives,
                     body_name="probe")
         return probe, attention
 
@@ -201,21 +201,21 @@ def _probe(layer: nn.Module, forward: Any, params: Any, hidden: int) -> _Verdict
     try:
         out = forward(original, x, **kwargs)
     except Exception as exc:  # a forward that needs more than a pre-norm layer's inputs
-        return _Verdict(f"its forward does not run as a plain pre-norm layer ({type(exc).__name__})")
+        return _Form(f"its forward does not run as a plain pre-norm layer ({type(exc).__name__})")
     if isinstance(out, tuple) and len(out) != 1:
-        return _Verdict("its forward returns more than the hidden states")
+        return _Form("its forward returns more than the hidden states")
     returns_tuple = isinstance(out, tuple)
     value = out[0] if returns_tuple else out
     if not isinstance(value, torch.Tensor) or value.shape != x.shape or \
             not torch.allclose(value, formula(x), atol=1e-5, rtol=1e-5):
-        return _Verdict("its forward is not the plain pre-norm residual formula")
+        return _Form("its forward is not the plain pre-norm residual formula")
     if len(attention.calls) != 1:
-        return _Verdict("its forward does not call the attention once")
+        return _Form("its forward does not call the attention once")
     call = attention.calls[0]
     # Extra keywords the layer adds itself (use_cache=False, output_attentions=False...) reach the attention
     # at run time as the model passes them; what matters is that the model's tensors arrive untouched.
     if call.pop("args") or any(call.get(k) is not v for k, v in kwargs.items()):
-        return _Verdict("its forward does not pass its arguments to the attention unchanged")
+        return _Form("its forward does not pass its arguments to the attention unchanged")
     defaults = {name: params[name].default for name in call
                 if name in params and params[name].default is not inspect.Parameter.empty}
     # The fused forward itself, alone and as a run of three layers, on the same stand-ins.
@@ -226,14 +226,14 @@ def _probe(layer: nn.Module, forward: Any, params: Any, hidden: int) -> _Verdict
         chained = _fused_layer_forward(stand_in(carry, takes, gives)[0], chained, **kwargs)
     if not (torch.allclose(alone, formula(x), atol=1e-5, rtol=1e-5)
             and torch.allclose(chained, formula(formula(formula(x))), atol=1e-4, rtol=1e-4)):
-        return _Verdict("the fused forward does not reproduce it (a backend bug)")
-    return _Verdict(None, returns_tuple, defaults, positional)
+        return _Form("the fused forward does not reproduce it (a backend bug)")
+    return _Form(None, returns_tuple, defaults, positional)
 
 
 # --- installing ------------------------------------------------------------------------------------
 
 
-def install(layer: nn.Module, carry: _Carry, verdict: _Verdict, *, takes: bool, gives: bool, body_name: str) -> None:
+def install(layer: nn.Module, carry: _Carry, verdict: _Form, *, takes: bool, gives: bool, body_name: str) -> None:
     layer._vtb_positional_names = verdict.positional_names
     layer._vtb_carry = carry
     layer._vtb_takes_residual = takes
@@ -265,38 +265,53 @@ def decoder_layers(body: nn.Module, num_layers: int) -> Optional[nn.ModuleList]:
     return lists[0] if len(lists) == 1 else None
 
 
+class ResidualFusion(SpeedPass):
+    """A pre-norm decoder layer's forward -> residual adds inside vLLM's fused add-and-norm, the residual
+    carried from layer to layer through each run of such layers (instance forward of this model's layers)."""
+
+    name = "residual"
+    switches = (FUSE_ENV, RESIDUAL_ENV)
+
+    def unavailable(self, build: Build) -> Optional[str]:
+        if build.is_encoder:
+            return "encoder-only model (decoder layers only)"
+        if decoder_layers(build.body, build.num_layers) is None:
+            return f"{type(build.body).__name__} has no single list of {build.num_layers} decoder layers"
+        return None
+
+    def sites(self, build: Build) -> List[Tuple[int, nn.Module]]:
+        layers = decoder_layers(build.body, build.num_layers)
+        # another pipeline rank's layer is no site: a run ends there
+        return [(index, layer) for index, layer in enumerate(layers) if not isinstance(layer, PPMissingLayer)]
+
+    def key(self, site: Tuple[int, nn.Module]) -> Hashable:
+        return type(site[1])
+
+    def validate(self, site: Tuple[int, nn.Module], build: Build) -> Verdict:
+        form = _qualification(site[1])
+        return Verdict(f"{type(site[1]).__name__}: {form.problem}" if form.problem else None, form)
+
+    def install(self, accepted: Sequence[Tuple[Any, Verdict]], build: Build) -> Tuple[List[Replacement], Any]:
+        runs: List[List[Tuple[nn.Module, _Form]]] = []
+        previous = None
+        for (index, layer), verdict in accepted:  # consecutive layers form a run
+            if previous is None or index != previous + 1:
+                runs.append([])
+            runs[-1].append((layer, verdict.data))
+            previous = index
+        replaced: Dict[str, int] = {}
+        for run in runs:
+            carry = _Carry()
+            for position, (layer, form) in enumerate(run):
+                install(layer, carry, form, takes=position > 0, gives=position < len(run) - 1,
+                        body_name=type(build.body).__name__)
+                replaced[type(layer).__name__] = replaced.get(type(layer).__name__, 0) + 1
+        by = f"vLLM fused add-and-norm, residual carried ({len(runs)} run{'s' if len(runs) > 1 else ''})"
+        return [Replacement(f"{name}.forward", by, n) for name, n in replaced.items()], None
+
+
 def fuse_residual_norms(body: nn.Module, num_layers: int) -> List[nn.Module]:
-    """Installs the fused forward on every run of qualifying decoder layers in ``body``; returns those layers."""
-    if not residual_fusion_enabled():
-        return []
+    """Runs the residual pass on ``body`` alone; returns the decoder layers now fused."""
+    ResidualFusion().run(Build(body, torch.device("cpu"), num_layers=num_layers))
     layers = decoder_layers(body, num_layers)
-    if layers is None:
-        logger.info("residual fusion skipped: %s has no single list of %d decoder layers", type(body).__name__,
-                    num_layers)
-        return []
-    verdicts: Dict[type, _Verdict] = {}
-    runs: List[List[nn.Module]] = [[]]
-    for layer in layers:
-        if isinstance(layer, PPMissingLayer):  # another pipeline rank's layer: a run ends here
-            runs.append([])
-            continue
-        cls = type(layer)
-        if cls not in verdicts:
-            verdicts[cls] = _qualification(layer)
-            if verdicts[cls].problem:
-                logger.info("residual fusion: %s keeps HF's forward: %s", cls.__name__, verdicts[cls].problem)
-        if verdicts[cls].problem:
-            runs.append([])
-            continue
-        runs[-1].append(layer)
-    fused: List[nn.Module] = []
-    for run in runs:
-        carry = _Carry()
-        for index, layer in enumerate(run):
-            install(layer, carry, verdicts[type(layer)], takes=index > 0, gives=index < len(run) - 1,
-                    body_name=type(body).__name__)
-        fused.extend(run)
-    if fused:
-        logger.info("residual fusion: %d decoder layers add their residuals in vLLM's fused add-and-norm kernel",
-                    len(fused))
-    return fused
+    return [layer for layer in layers if is_fused(layer)] if layers is not None else []

@@ -1,39 +1,46 @@
-"""HF's rotary embedding through vLLM's own rotary kernel, where the model's function is the standard one.
+"""HF's rotary embedding through vLLM's own rotary kernel, where the model's function is the standard one:
+the ``rotary`` speed pass (:mod:`.passes`).
 
-HF models rotate q and k with ``q * cos + rotate_half(q) * sin``: about ten small kernels per layer
-(slices, negation, concatenation, products, sums) for q and k, as costly as the layer's GEMMs at decode
-batch sizes. vLLM's ``rotary_embedding`` kernel does both in one launch, in place, from positions and a
-``[positions, rot_dim]`` table of cos|sin halves. The backend swaps, in the model's modeling module, the
-``apply_rotary_pos_emb`` function for :func:`make_fused`'s, after checking numerically that the module's
-function is the standard formula (a CPU float32 probe, as for RMS norms). Inside the backend's forward
-it takes this step's ``cos``/``sin`` (whatever rope type HF computed them with), builds the table once per
-step (``[tokens, cos half | sin half]``, positions ``0..tokens-1``), and calls the kernel on the
-``[tokens, heads * head_dim]`` views of q and k.
+Decode step: inside each attention layer, after the q/k projections and before the
+attention function, HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` rotates q and k with
+``q * cos + rotate_half(q) * sin``: about ten small kernels per layer (slices, negation, concatenation,
+products, sums), as costly as the layer's GEMMs at decode batch sizes. vLLM's ``rotary_embedding`` kernel
+does both in one launch, in place, from positions and a ``[positions, rot_dim]`` table of cos|sin halves.
+
+The pass rebinds ``apply_rotary_pos_emb`` in the model's modeling module to :func:`make_fused`'s function,
+after checking numerically that the module's function is the standard formula (a CPU float32 probe, as for
+RMS norms). That binding is shared by the process (a module global HF's attention code calls), so it is
+registered in :mod:`.runtime` for the model that installed it, and it acts only inside that model's
+forward: the step's attention context carries the model's own rotary state (which modeling modules it
+rotates this way, and whether their cos/sin halves were found equal on its first step); anywhere else the
+original function runs. Inside such a forward it takes this step's ``cos``/``sin`` (whatever rope type
+HF computed them with), builds the table once per step (``[tokens, cos half | sin half]``, positions
+``0..tokens-1``), and calls the kernel on the ``[tokens, heads * head_dim]`` views of q and k.
 
 Anything it does not handle (a batch dimension, partial rotary, other ``unsqueeze_dim``, layouts whose
-heads are not contiguous rows, a call outside the backend's forward) goes to the original function.
-``VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY=0`` turns the swap off; ``=all`` also swaps on devices without
+heads are not contiguous rows, a call outside such a forward) goes to the original function.
+``VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY=0`` turns the pass off; ``=all`` also runs it on devices without
 vLLM GPU kernels where ``vllm._C`` has the op (the CPU build: tests compare it with HF there).
 """
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from vllm import _custom_ops as ops
 
+from . import envs, runtime
 from ._logging import get_logger
 from .attention import get_attention_context
-from .devices import cpu_probe
+from .devices import cpu_probe, has_vllm_gpu_kernels
+from .passes import Build, Replacement, SpeedPass, Verdict
 
 logger = get_logger(__name__)
 
 _ENV = "VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY"
-_MARK = "__vllm_transformers_backend_fused_rotary__"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,23 +95,22 @@ def _rows(x: torch.Tensor) -> Optional[torch.Tensor]:
         (t.shape[0], t.shape[1] * t.shape[2]), (t.stride(0), 1))
 
 
-#: The first step checks that HF's cos/sin have equal halves (the kernel reads one half): models whose
-#: rotary embedding differs keep HF's math. Keyed by the modeling module.
-_halves_checked: Dict[str, bool] = {}
-
-
 def make_fused(original: Callable, module_name: str = "") -> Callable:
     def fused_apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
         ctx = get_attention_context()
+        # The model's rotary state: the modeling modules it rotates through the kernel (None: a bare context
+        # outside any backend model, as in the kernel tests, where every call checks the halves itself).
+        scope = ctx.rotary_modules if ctx is not None else None
         usable = (
-            ctx is not None and position_ids is None and unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4
+            ctx is not None and (scope is None or module_name in scope) and position_ids is None
+            and unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4
             and q.shape[0] == 1 and cos.dim() == 3 and cos.shape[0] == 1 and cos.shape == sin.shape
             and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.shape[-1] % 2 == 0
             and q.dtype == k.dtype == cos.dtype == sin.dtype and not torch.is_grad_enabled()
         )
         q_rows = _rows(q) if usable else None
         k_rows = _rows(k) if q_rows is not None else None
-        if k_rows is None or not _halves_ok(module_name, cos, sin):
+        if k_rows is None or not _halves_ok(scope, module_name, cos, sin):
             if position_ids is not None:
                 return original(q, k, cos, sin, position_ids, unsqueeze_dim)
             return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
@@ -114,50 +120,68 @@ def make_fused(original: Callable, module_name: str = "") -> Callable:
         ops.rotary_embedding(step.positions, q_rows, k_rows, q.shape[-1], step.table, True)
         return q, k
 
-    setattr(fused_apply_rotary_pos_emb, _MARK, original)
     fused_apply_rotary_pos_emb.__wrapped__ = original  # type: ignore[attr-defined]
     return fused_apply_rotary_pos_emb
 
 
-def _halves_ok(module_name: str, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    ok = _halves_checked.get(module_name)
+def _halves_ok(scope: Optional[Dict[str, Optional[bool]]], module_name: str, cos: torch.Tensor,
+               sin: torch.Tensor) -> bool:
+    """Whether HF's cos/sin have equal halves (the kernel reads one half): models whose rotary embedding
+    differs keep HF's math. Checked once per model and modeling module, on the model's first (eager,
+    profiling) step, where a device sync is fine; the verdict stays in the model's rotary state."""
+    ok = scope.get(module_name) if scope is not None else None
     if ok is None:
-        # Once per modeling module, on the first (eager, profiling) step: a device sync is fine there.
         half = cos.shape[-1] // 2
         ok = bool(torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:]))
-        _halves_checked[module_name] = ok
-        if not ok:
-            logger.info("%s: rotary cos/sin halves differ; HF's rotation kept", module_name)
+        if scope is not None:
+            scope[module_name] = ok
+            if not ok:
+                logger.info("%s: rotary cos/sin halves differ; HF's rotation kept", module_name)
     return ok
 
 
-def fuse_rotary(model: nn.Module, device: torch.device, force: bool = False) -> Optional[str]:
-    """Swaps the standard ``apply_rotary_pos_emb`` of ``model``'s modeling modules for the one calling
-    vLLM's kernel, on devices where vLLM's GPU kernels run (``force``: also elsewhere, for tests on the
-    CPU build, whose ``vllm._C`` has the same op). Returns the module names swapped, or None."""
-    from .devices import has_vllm_gpu_kernels
+class RotaryKernel(SpeedPass):
+    """A modeling module's standard ``apply_rotary_pos_emb`` -> vLLM's ``rotary_embedding`` kernel on HF's
+    cos/sin (a process-wide binding, active only inside the models that installed it)."""
 
-    setting = os.environ.get(_ENV, "1").strip().lower()
-    if setting == "0" or not (force or setting == "all" or has_vllm_gpu_kernels(device)):
+    name = "rotary"
+    switches = (_ENV,)
+
+    def unavailable(self, build: Build) -> Optional[str]:
+        if envs.VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY != "all" and not has_vllm_gpu_kernels(build.device):
+            return f"vLLM's GPU kernels do not run on {build.device.type} ({_ENV}=all uses vllm._C's op anyway)"
         return None
-    swapped = []
-    modules: Dict[str, Any] = {}
-    for sub in model.modules():
-        name = type(sub).__module__
-        if "attention" in type(sub).__name__.lower() and name in sys.modules:
-            modules[name] = sys.modules[name]
-    for name, module in modules.items():
-        fn = getattr(module, "apply_rotary_pos_emb", None)
-        if fn is None:
-            continue
-        if getattr(fn, _MARK, None) is not None:
-            swapped.append(name)
-            continue
-        if not is_standard_rotary(fn):
-            logger.info("%s.apply_rotary_pos_emb is not the standard rotation: kept", name)
-            continue
-        module.apply_rotary_pos_emb = make_fused(fn, name)
-        swapped.append(name)
-    if swapped:
-        logger.info("rotary embedding through vLLM's kernel for %s", ", ".join(swapped))
-    return ", ".join(swapped) or None
+
+    def sites(self, build: Build) -> List[Tuple[str, Any]]:
+        modules: Dict[str, Any] = {}
+        for sub in build.body.modules():
+            name = type(sub).__module__
+            if "attention" in type(sub).__name__.lower() and name in sys.modules:
+                modules[name] = sys.modules[name]
+        return [(name, module) for name, module in modules.items()
+                if getattr(module, "apply_rotary_pos_emb", None) is not None]
+
+    def key(self, site: Tuple[str, Any]) -> Hashable:
+        return site[0]
+
+    def validate(self, site: Tuple[str, Any], build: Build) -> Verdict:
+        name, module = site
+        if is_standard_rotary(runtime.original(module, "apply_rotary_pos_emb")):
+            return Verdict()
+        return Verdict(f"{name}.apply_rotary_pos_emb is not the standard rotation")
+
+    def install(self, accepted: Sequence[Tuple[Any, Verdict]], build: Build) -> Tuple[List[Replacement], Any]:
+        state: Dict[str, Optional[bool]] = {}
+        for (name, module), _ in accepted:
+            runtime.bind(module, "apply_rotary_pos_emb", lambda original, name=name: make_fused(original, name),
+                         by=self.name, user=build.owner)
+            state[name] = None  # cos/sin halves: checked on the model's first step
+        return [Replacement(f"{name}.apply_rotary_pos_emb", "vLLM rotary_embedding kernel", 1, "process")
+                for name in state], state
+
+
+def fuse_rotary(model: nn.Module, device: torch.device) -> Optional[str]:
+    """Runs the rotary pass on ``model`` alone (no owner: a binding it makes is kept for the process);
+    returns the modeling modules whose function now calls vLLM's kernel, or None."""
+    report = RotaryKernel().run(Build(model, device))
+    return ", ".join(report.forward_state or ()) or None

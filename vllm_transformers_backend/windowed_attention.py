@@ -279,13 +279,13 @@ class FlashWindowAttention:
 
 
 def _windowed_computation(impl: Any, window: int) -> Any:
+    from . import envs
     from .base import BackendError
-    from .fusion import switched_on
 
     name = type(impl).__name__
     if _impl_class_is(impl, "vllm.attention.backends.flash_attn", "FlashAttentionImpl"):
         kernels = vllm_flash_kernels()
-        if kernels is not None and switched_on(FLASH_WINDOW_ENV):
+        if kernels is not None and envs.VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW:
             return FlashWindowAttention(impl, window, kernels)
         if kernels is None:
             logger.warning("vllm_flash_attn.flash_attn_with_kvcache takes no window_size: sliding-window layers "

@@ -20,7 +20,7 @@ the HF code passed.
 Decode step: the context opens around the HF body call; inside each layer, after q/k/v, the
 rotation and before ``o_proj``, the ``"vllm"`` function hands q/k/v to the layer's vLLM ``Attention``
 (paged KV cache; FlashAttention/XFormers/SDPA as vLLM selected). On the first forward only it records
-which layers called it.
+which layers called it and adopts the softmax scale HF passes.
 """
 from __future__ import annotations
 
@@ -114,14 +114,35 @@ def vllm_attention_forward(
         if ctx.called is not None:
             ctx.called.add(layer_idx)
         return attn(module, query, key, value, scaling, **kwargs)
-    if ctx.called is not None:
+    if ctx.called is not None:  # the model's first forward only (vLLM's eager profiling run)
         ctx.called.add(layer_idx)
+        adopt_scaling(attn, scaling, query.shape[-1], layer_idx)
     num_tokens = query.shape[-2]
     q = query.transpose(1, 2).reshape(num_tokens, -1)
     k = key.transpose(1, 2).reshape(num_tokens, -1)
     v = value.transpose(1, 2).reshape(num_tokens, -1)
     out = attn(q, k, v, ctx.kv_caches[layer_idx - ctx.start_layer], ctx.attn_metadata)
     return out.view(1, num_tokens, -1, query.shape[-1]), None
+
+
+def adopt_scaling(attn: Any, scaling: Any, head_dim: int, layer_idx: int) -> None:
+    """Makes the layer's vLLM attention use the softmax scale HF passes per call (``scaling=``; None means
+    HF's default, ``head_dim ** -0.5``). The instance was built with the module's ``scaling`` attribute,
+    which is what HF passes for transformers' own models; custom code may keep the scale elsewhere.
+
+    Runs on the model's first forward only: vLLM's profiling run, eager, before any CUDA graph is captured,
+    so a graph records the adopted scale and steps pay nothing. HF passes the same scale on every call of a
+    layer (vLLM's kernels take one scale per layer)."""
+    impl = getattr(getattr(attn, "attn", attn), "impl", None)  # GatheredHeadsAttention wraps the Attention
+    if impl is None:
+        return
+    wanted = float(scaling) if scaling is not None else head_dim ** -0.5
+    if wanted != impl.scale:
+        from ._logging import get_logger
+
+        get_logger(__name__).info("layer %d: attention scale %g (passed by the HF module) replaces %g", layer_idx,
+                                  wanted, impl.scale)
+        impl.scale = wanted
 
 
 def sdpa_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

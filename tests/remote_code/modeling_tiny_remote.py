@@ -1,7 +1,8 @@
 """A custom (``trust_remote_code``) decoder written for the backend's tests.
 
 Its own module names (``ScaleNorm``, ``Mixer``, ``blocks``), its own rotary, attention through
-``ALL_ATTENTION_FUNCTIONS`` unless the config says to bypass it (the negative test).
+``ALL_ATTENTION_FUNCTIONS`` unless the config says to bypass it (the negative test), with a softmax scale
+that is not its ``scaling`` attribute (the backend must use the one passed per call).
 """
 import torch
 from torch import nn
@@ -48,7 +49,8 @@ class Mixer(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim ** -0.5  # what transformers' own models pass; this one passes another
+        self.softmax_scale = config.attention_scale if config.attention_scale is not None else self.scaling
         self.is_causal = True
         kv = config.num_key_value_heads * self.head_dim
         self.wq = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
@@ -67,7 +69,7 @@ class Mixer(nn.Module):
             fn = eager_attention
         else:
             fn = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-        out, _ = fn(self, q, k, v, None, scaling=self.scaling, **kwargs)
+        out, _ = fn(self, q, k, v, None, scaling=self.softmax_scale, **kwargs)
         return self.wo(out.reshape(b, t, -1))
 
 

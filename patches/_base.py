@@ -2,6 +2,8 @@
 
 A patch names its vLLM target and the vLLM base versions it knows. On any other vLLM it refuses
 (:class:`PatchError`) instead of guessing; forks compare by base version (``0.6.2+cpu`` counts as 0.6.2).
+
+Decode step: not on it (patch machinery).
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 vLLM 0.6.2's CPU executor has tensor-parallel code that does not run as shipped (see each patch). On
 any other build (CUDA, ROCm, MLU forks) those code paths are never taken, so a CPU-only patch leaves the
 build untouched and counts as applied there: nothing is needed.
+
+Decode step: not on it (patch machinery).
 """
 from __future__ import annotations
 

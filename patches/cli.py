@@ -6,6 +6,8 @@
 ``AsyncEngineArgs.add_cli_args``, which calls ``EngineArgs.add_cli_args`` by attribute, so one patch
 covers every entry point. The parser is built before any vLLM plugin loads: this patch must be in
 place at import time (the start-up hook sees to it).
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 

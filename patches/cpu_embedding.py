@@ -9,6 +9,9 @@ patched worker builds :func:`cpu_embedding_runner_class` instead (prompts only, 
 runner carries each request's types into the step's input ids, as the embedding_runner patch does on GPUs.
 
 Known from vLLM 0.6.2+cpu; does nothing on other builds (the GPU worker has its own embedding runner).
+
+Decode step: none (embedding mode runs prompts only); each prompt step on the CPU build runs through
+the runner it adds.
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ Tensor parallelism on vLLM's CPU executor fails in two places of the group coord
   gathers into that layout and then reshapes exactly as vLLM does.
 
 Known from vLLM 0.6.2+cpu; refuses other vLLM versions like every patch; does nothing on other builds.
+
+Decode step: on the CPU build, the all-reduce of row-parallel layers and the all-gather of gathered
+column layers at TP > 1 go through the patched methods.
 """
 from __future__ import annotations
 

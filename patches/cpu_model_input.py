@@ -9,6 +9,8 @@ has no sampling field, so every worker but the driver fails with "unexpected key
 ``_model_input_cls`` (the class the driver built the input with), as vLLM's GPU runner does.
 
 Known from vLLM 0.6.2+cpu; does nothing on other builds.
+
+Decode step: on the CPU build at TP > 1, each non-driver rank rebuilds the step's input through it.
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ driver, before the ids are broadcast to the other tensor-parallel ranks, for mod
 ``accepts_token_types`` (the backend's sequence-classification model splits them off again). Other
 models and requests without types are untouched. The CPU build's embedding runner (cpu_embedding patch)
 does the same. See ``vllm_transformers_backend.token_types``.
+
+Decode step: none (embedding mode runs prompts only); each prompt step on a GPU build runs through
+the runner it patches.
 """
 from __future__ import annotations
 

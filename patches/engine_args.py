@@ -7,6 +7,8 @@ raises ``TypeError`` in ``EngineArgs``. This patch makes them fields of both dat
 so ``LLM`` needs nothing more. ``create_engine_config`` also refuses, before any worker starts, what the
 backend cannot run on the engine's device (quantized checkpoints and LoRA on vLLM's CPU engine:
 :mod:`vllm_transformers_backend.engine_checks`).
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 

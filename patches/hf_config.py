@@ -9,6 +9,8 @@ newer configs, so they are normalised once, right after vLLM loads the config:
 * transformers 5 moved ``rope_theta`` into ``rope_parameters``; vLLM's native models read
   ``getattr(config, "rope_theta", 10000)`` and would silently use 10000. ``rope_theta`` is set again
   as a plain attribute from ``rope_parameters``.
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ patch of ``vllm.entrypoints.openai.api_server`` would miss) build the app, fill 
 applied this patch. The wrapped ``serve_http`` adds the routes of
 ``vllm_transformers_backend.serving`` to that app, with newer vLLM's request and response shapes, then
 serves it as before.
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ and returns newer vLLM's output shapes (``vllm_transformers_backend.outputs``):
 
 A call the engine cannot serve (``classify`` on a generating engine, ``score`` on a multi-label
 classifier, ...) raises an error that names the fix.
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ then fails an assertion). The backend's linears are subclasses of vLLM's (return
 expects); the patch gives them vLLM's LoRA layers with the same tensor output
 (:func:`vllm_transformers_backend.lora.lora_layer_for`) and hands every other layer to vLLM's function.
 ``vllm.lora.models`` imports ``from_layer`` by name, so that binding is replaced too.
+
+Decode step: with LoRA enabled, the LoRA layers it picks run in place of the backend's linears (the patch
+itself acts when vLLM's LoRA manager wraps the model, at load).
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Resolves ``model_impl``: ``transformers`` returns the backend's class, ``vllm`` 
 ``auto`` vLLM's own when vLLM has the architecture and the backend otherwise. vLLM 0.6.2 imports the
 function by name into ``model_loader.loader`` and ``model_loader/__init__`` (``inputs/registry.py`` and
 ``multimodal/base.py`` import it lazily from the latter), so every binding is replaced.
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ A pooling engine also records its ``pooling_task`` (embed, classify, score or re
 ``options.pooling_task``), which picks the backend's model class and the default of its outputs.
 For models the backend windows per layer, vLLM's engine-wide sliding window is turned off after ``__init__``
 (``vllm_transformers_backend.sliding_window.model_config_scope``).
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 

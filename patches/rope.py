@@ -15,6 +15,8 @@ vLLM turns Gemma 2's sliding window off and caps ``max_model_len`` to it; for a 
 per layer (``vllm_transformers_backend.sliding_window``) the length is checked as if the window were on, so
 the model keeps its context, unless the user asked for ``disable_sliding_window``. ``ModelConfig.__init__``
 passes every argument by keyword.
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@
 vLLM 0.6.2 caches ``tokenizer.all_special_tokens_extended``, which transformers 5 removed: every engine
 with a tokenizer fails with ``AttributeError`` there. Where the attribute is missing, the tokenizer gets
 an equivalent (the special tokens as strings; vLLM only reads it for its cached property) first.
+
+Decode step: not on it (applied at ``import vllm``; acts when the engine is configured or loads the model).
 """
 from __future__ import annotations
 

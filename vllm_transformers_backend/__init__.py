@@ -3,6 +3,8 @@
 Installing the package is enough: a start-up hook patches vLLM when it is imported, and
 ``LLM(model=..., model_impl="transformers")`` runs the Hugging Face implementation of the model inside
 vLLM's engine. Importing this package stays cheap (no torch, no vLLM); the backend classes load lazily.
+
+Decode step: not on it (the package entry; README "Layout" lists the path of one decode step).
 """
 from __future__ import annotations
 

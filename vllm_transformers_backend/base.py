@@ -12,14 +12,15 @@ Construction (inside vLLM's loader, under ``with torch.device(target)`` and the 
 4. create one vLLM ``Attention`` per layer, reached from the ``"vllm"`` attention function;
 5. allocate what is still on meta on the target device; weights come later through ``load_weights``.
 
-Decode step (``forward``, called by vLLM's model runner): open the attention context (:mod:`.attention`:
-this step's KV caches and metadata, the model's rotary state) and call the HF body on the step's tokens
+Decode step: ``forward``, called by vLLM's model runner, opens the attention context (:mod:`.attention`:
+this step's KV caches and metadata, the model's rotary state) and calls the HF body on the step's tokens
 as one batch (``[1, tokens]``): the input embedding, then per decoder layer the RMS norm (or the fused
 add-and-norm), q/k/v as one GEMM, the rotation, the ``"vllm"`` attention function and vLLM's paged
-attention, ``o_proj``, the second norm, gate/up as one GEMM, ``act_and_mul``, ``down_proj``, the residual
-adds (or the residual carried to the next layer); then the final norm. The hidden states
-(``[tokens, hidden]``) go to the wrapper's head (:mod:`.causal`) or pooler (:mod:`.pooling`), or to the
-next pipeline rank. README "Layout" lists the same path with the module behind each step.
+attention (or a layer's own window, :mod:`.windowed_attention`), ``o_proj``, the second norm, gate/up as
+one GEMM, ``act_and_mul``, ``down_proj``, the residual adds (or the residual carried to the next layer);
+then the final norm. The hidden states (``[tokens, hidden]``) go to the wrapper's head (:mod:`.causal`,
+:mod:`.sequence_classification`) or pooler (:mod:`.pooling`), or to the next pipeline rank. README
+"Layout" lists the same path with the module behind each step.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ executor asserts LoRA away (``cpu backend doesn't support LoRA``); a quantized c
 stop at a dtype check whose message points at the wrong fix. ``check_engine_config`` runs on the engine
 configuration (the engine_args patch, for ``LLM`` and ``vllm serve`` alike), for models the backend runs;
 vLLM's own models keep vLLM's behaviour.
+
+Decode step: not on it (runs on the engine configuration, before any worker starts).
 """
 from __future__ import annotations
 

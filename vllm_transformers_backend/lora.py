@@ -24,6 +24,9 @@ its LoRA layers return ``(output, bias)``; the backend's linears are subclasses 
 expects. :func:`lora_layer_for` gives each of them vLLM's LoRA layer with the same tensor output; the
 ``lora_layers`` patch makes vLLM's ``from_layer`` use it. Fused layers are vLLM's own classes and get
 vLLM's own LoRA layers (their slices unpack the tuple).
+
+Decode step: with adapters loaded, vLLM's LoRA layers stand in for the backend's linears (each adds its
+adapter's product to the layer's output); everything here runs at load.
 """
 from __future__ import annotations
 

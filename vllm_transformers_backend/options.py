@@ -5,6 +5,8 @@ or pooling the way newer vLLM does, and ``task`` also picks what a pooling model
 or a sequence-classification head's outputs for classify / score / reward); ``override_pooler_config``
 overrides the pooling a checkpoint declares. vLLM 0.6.2 has none of them: the engine_args, cli and model_config patches carry them from
 ``LLM(...)``/``vllm serve`` to the ``ModelConfig`` that every worker receives.
+
+Decode step: not on it (engine options, validated when the engine is configured).
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@
 :class:`ScoringRequestOutput` (``.outputs.score``), ``LLM.reward`` :class:`PoolingRequestOutput`
 (``.outputs.data``, a tensor). Each is built from what vLLM 0.6.2's engine returns for a pooling request
 (an ``EmbeddingRequestOutput`` whose ``.outputs.embedding`` holds the model's floats).
+
+Decode step: not on it (shapes a pooling request's result).
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ parameters, cross-encoder pair prompts, and score inputs, as newer vLLM shapes t
 pair is tokenized together with the tokenizer's pair template (``tokenizer(text=q, text_pair=d)``, its
 token type ids carried as :mod:`.token_types` describes) and scored by the head; on an embedding engine
 both texts are embedded and the score is their cosine similarity.
+
+Decode step: not on it (request parameters and prompts, before the engine runs them).
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ What this module adds: the methods the backend refuses, the checkpoint extras a 
 the post-load step of the attention instances (they are not modules of the tree, so vLLM's loader does not
 reach them). vLLM's quantized kernels are CUDA kernels: on vLLM's CPU engine the engine checks refuse a
 quantized model before it starts (``engine_checks.py``).
+
+Decode step: the quantized linears (vLLM's quantization methods in the backend's layers) run each
+projection; the KV-cache scales are read by vLLM's attention. Everything here runs at load.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ transformers release defines it) is therefore exactly what runs.
 The model's forward returns one row of logits per prompt (step order); :meth:`pooler` turns each row into
 the request's output: the logits through the activation of the request's task (:func:`activation_for`),
 or raw (``use_activation=False``, and always for ``reward``).
+
+Decode step: none (prompts only); after the body, HF's head runs over its output per prompt and the
+pooler applies the task's activation.
 """
 from __future__ import annotations
 

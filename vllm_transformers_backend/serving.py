@@ -6,6 +6,8 @@
 state exist). The handlers tokenize, send one engine request per prompt or pair, and shape the answer;
 what decides the model's output (task, activation, token types) is :mod:`.pooling_api`, shared with
 ``LLM.classify`` / ``score``. A request the engine cannot serve is an HTTP 400 naming the problem.
+
+Decode step: not on it (HTTP routes around the engine).
 """
 from __future__ import annotations
 

@@ -51,6 +51,8 @@ vLLM. The backend therefore:
   own window on CUDA, the backend's attention over vLLM's paged cache elsewhere; see that module).
 
 A window is the number of keys a query sees, itself included (``q - k < window``), as transformers applies it.
+
+Decode step: not on it (decides at load which layers :mod:`.windowed_attention` windows).
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ only, so the types travel as newer vLLM carries them:
 3. the model splits them again (:func:`split_token_types`) before the embedding lookup.
 
 The prompt itself, and what input validation or the outputs see, keep the plain ids.
+
+Decode step: none (prompts only); a cross-encoder's prompt step carries the types in the input ids'
+high bits, split off again before the body runs.
 """
 from __future__ import annotations
 

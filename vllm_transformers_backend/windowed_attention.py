@@ -21,6 +21,9 @@ names with other cache layouts):
 
 Other impls (FlashInfer, ROCm, forks' backends) are refused at load with the fix: FlashAttention, or
 ``max_model_len`` no longer than the window (then it never applies and no layer needs this class).
+
+Decode step: in place of vLLM's ``Attention`` call (step 3.4 of README "Layout") for the layers with
+their own window.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ It lists three kinds of replacement:
 
 * the import-time patches of vLLM (``patches/``): applied or not;
 * the speed passes (:mod:`.passes`) each backend model runs while it loads, with their switches; for a
-  loaded model (``doctor(llm)``, through :func:`.live.backend_model`), what each pass replaced, from the
-  report the model keeps (``model.speed_passes``). The same lines (``speed pass <name>: ...``) are logged at
+  loaded model (``doctor(llm)``, through :func:`.live.backend_model`), the vLLM modules it was built with
+  and what each pass replaced, from the report the model keeps (``model.speed_passes``). The same lines (``speed pass <name>: ...``) are logged at
   INFO while a model loads, in every worker: the way to see them for a model in another process (tensor
   or pipeline parallel workers, ``vllm serve``);
 * the process-wide bindings now in place in this process (:mod:`.runtime`), with the models using them.
@@ -69,11 +69,11 @@ def report(llm: Any = None) -> Dict[str, Any]:
         result["vllm_error"] = f"{type(exc).__name__}: {exc}"
     if llm is not None:
         from .live import backend_model
-        from .runtime import model_replacements
+        from .runtime import model_modules, model_replacements
 
         model = backend_model(llm)
         result["model"] = {"class": type(model).__name__, "body": type(model.model).__name__,
-                           "speed_passes": model_replacements(model),
+                           "modules": model_modules(model), "speed_passes": model_replacements(model),
                            "log": [r.line() for r in model.speed_passes]}
     result["ok"] = bool(result["vllm_supported"] and result["transformers_supported"] and "vllm_error" not in result
                         and all(p["applied"] for p in result["patches"] if p["required"]))
@@ -108,6 +108,7 @@ def format_report(result: Dict[str, Any]) -> str:
     if "model" in result:
         model = result["model"]
         lines.append(f"model {model['class']} ({model['body']}): its run-time replacements")
+        lines.append("  vLLM modules: " + ", ".join(f"{name} x{n}" for name, n in model["modules"].items()))
         lines.extend(f"  {line}" for line in model["log"])
     lines.append("OK" if result["ok"] else "NOT OK: model_impl='transformers' will not work")
     return "\n".join(lines)

@@ -4,9 +4,10 @@ the patches' state as the backend reads it.
 The patches (``patches/``) change vLLM once per process, at import. The backend changes a few more
 things while models load, and every one of them is listed somewhere ``doctor`` reads:
 
-* per model: the speed passes (:mod:`.passes`) swap a model's own modules and instance ``forward``s;
-  nothing outside that model changes. Each backend model keeps their reports (``model.speed_passes``,
-  :func:`model_replacements`);
+* per model: the backend builds the model with vLLM modules (linears, embedding, attention instances;
+  :func:`model_modules`) and the speed passes (:mod:`.passes`) swap more of its own modules and instance
+  ``forward``s; nothing outside that model changes. Each backend model keeps the passes' reports
+  (``model.speed_passes``, :func:`model_replacements`);
 * per process: bindings in modules the whole process shares, registered here with the models that use
   them (:func:`bind`). transformers' ``ALL_ATTENTION_FUNCTIONS["vllm"]`` (added once, kept) and a modeling
   module's ``apply_rotary_pos_emb`` (the rotary pass): that function acts only inside the forward of a
@@ -102,6 +103,21 @@ def model_replacements(model: Any) -> List[Dict[str, Any]]:
     return [{"pass": r.name, "status": r.status, "reason": r.reason, "sites": r.sites, "replaced": r.replaced,
              "replacements": [vars(x) for x in r.replacements], "kept": dict(r.kept)}
             for r in getattr(model, "speed_passes", ())]
+
+
+def model_modules(model: Any) -> Dict[str, int]:
+    """The vLLM modules a backend model was built with (class -> how many): the linears by tp_plan style,
+    embedding, norms, fused slices, head, and each layer's attention instance with its vLLM backend."""
+    counts: Dict[str, int] = {}
+    modules = [m for m in model.modules() if m is not model
+               and type(m).__module__.startswith(("vllm.", "vllm_transformers_backend."))]
+    for attn in getattr(model, "attention_instances", {}).values():
+        impl = getattr(getattr(attn, "attn", attn), "impl", None)
+        modules.append(f"{type(attn).__name__}({type(impl).__name__})" if impl is not None else attn)
+    for module in modules:
+        name = module if isinstance(module, str) else type(module).__name__
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 #: patch name -> (applied, why not), as the patches last reported it.

@@ -15,6 +15,30 @@ from ._base import Patch, require_parameters, wrap
 from vllm_transformers_backend.options import DEFAULTS, MODEL_IMPLS, RUNNERS, TASKS
 
 
+#: The backend's flags (each added unless the parser already has it): name -> add_argument keywords.
+OPTIONS = {
+    "--model-impl": dict(
+        type=str.lower, choices=list(MODEL_IMPLS), default=DEFAULTS["model_impl"],
+        help="Which implementation of the model to use. 'vllm': vLLM's own model; 'transformers': the Hugging Face "
+        "implementation through vllm-transformers-backend; 'auto': vLLM's own if vLLM has the architecture, the "
+        "Transformers backend otherwise."),
+    "--runner": dict(
+        type=str.lower, choices=list(RUNNERS), default=DEFAULTS["runner"],
+        help="'generate' for text generation, 'pooling' for embeddings and classifiers (/v1/embeddings, "
+        "/classify, /score, /rerank); 'auto' decides from the architecture name (...Model and "
+        "...ForSequenceClassification pool, ...ForCausalLM generates)."),
+    "--task": dict(
+        type=str.lower, choices=list(TASKS), default=DEFAULTS["task"],
+        help="What the model computes: 'generate', or with --runner pooling 'embed' (/v1/embeddings), "
+        "'classify' (/classify), 'score' (/score, /rerank) or 'reward' (a ...ForSequenceClassification "
+        "head); any of these implies --runner pooling."),
+    "--override-pooler-config": dict(
+        type=str, default=None,
+        help='JSON overriding the pooling a checkpoint declares, e.g. '
+        '\'{"pooling_type": "MEAN", "normalize": true}\' (CLS, MEAN or LAST).'),
+}
+
+
 class CliPatch(Patch):
     name = "cli"
     target = "vllm.engine.arg_utils.EngineArgs.add_cli_args: --model-impl, --runner, --task, --override-pooler-config"
@@ -29,37 +53,9 @@ class CliPatch(Patch):
             def add_cli_args(parser, *args, **kwargs):
                 parser = original(parser, *args, **kwargs)
                 known = getattr(parser, "_option_string_actions", {})
-                if "--model-impl" not in known:
-                    parser.add_argument(
-                        "--model-impl",
-                        type=str.lower,
-                        choices=list(MODEL_IMPLS),
-                        default=DEFAULTS["model_impl"],
-                        help="Which implementation of the model to use. 'vllm': vLLM's own model; "
-                        "'transformers': the Hugging Face implementation through "
-                        "vllm-transformers-backend; 'auto': vLLM's own if vLLM has the architecture, "
-                        "the Transformers backend otherwise.",
-                    )
-                if "--runner" not in known:
-                    parser.add_argument(
-                        "--runner", type=str.lower, choices=list(RUNNERS), default=DEFAULTS["runner"],
-                        help="'generate' for text generation, 'pooling' for embeddings and classifiers (/v1/embeddings, "
-                        "/classify, /score, /rerank); 'auto' decides from the architecture name (...Model and "
-                        "...ForSequenceClassification pool, ...ForCausalLM generates).",
-                    )
-                if "--task" not in known:
-                    parser.add_argument(
-                        "--task", type=str.lower, choices=list(TASKS), default=DEFAULTS["task"],
-                        help="What the model computes: 'generate', or with --runner pooling 'embed' (/v1/embeddings), "
-                        "'classify' (/classify), 'score' (/score, /rerank) or 'reward' (a ...ForSequenceClassification "
-                        "head); any of these implies --runner pooling.",
-                    )
-                if "--override-pooler-config" not in known:
-                    parser.add_argument(
-                        "--override-pooler-config", type=str, default=None,
-                        help='JSON overriding the pooling a checkpoint declares, e.g. '
-                        '\'{"pooling_type": "MEAN", "normalize": true}\' (CLS, MEAN or LAST).',
-                    )
+                for flag, options in OPTIONS.items():
+                    if flag not in known:
+                        parser.add_argument(flag, **options)
                 return parser
 
             return add_cli_args

@@ -62,10 +62,13 @@ def test_doctor_lists_the_models_replacements_and_the_binding_is_scoped(checkpoi
                                                  "by": "vLLM rotary_embedding kernel", "count": 1, "scope": "process"}]
     [binding] = [r for r in result["process_replacements"] if r["target"] == f"{LLAMA}.apply_rotary_pos_emb"]
     assert binding["by"] == "rotary" and binding["used_by"].startswith("TransformersForCausalLM at ")
-    # the vLLM modules it was built with (TP=1: o_proj/down_proj replicated; q/k/v, gate/up fused slices)
+    # the vLLM modules it was built with (TP=1: o_proj/down_proj replicated; q/k/v, gate/up fused under vLLM's
+    # names, their slices in HF's places)
     assert result["model"]["modules"] == {
-        "VocabParallelEmbedding": 1, "FusedSlice": 10, "HFReplicatedLinear": 4, "SiluAndMul": 2, "HFRMSNorm": 5,
-        "ParallelLMHead": 1, "LogitsProcessor": 1, "Sampler": 1, "Attention(TorchSDPABackendImpl)": 2}
+        "VocabParallelEmbedding": 1, "QKVParallelLinear": 2, "MergedColumnParallelLinear": 2, "FusedSlice": 10,
+        "HFReplicatedLinear": 4, "SiluAndMul": 2, "HFRMSNorm": 5, "ParallelLMHead": 1, "LogitsProcessor": 1,
+        "Sampler": 1, "Attention(TorchSDPABackendImpl)": 2}
+    assert result["model"]["quantization"] is None and result["model"]["lora"] is False
     text = doctor.format_report(result)
     assert "model TransformersForCausalLM (LlamaModel): its run-time replacements" in text
     assert "  vLLM modules: VocabParallelEmbedding x1, FusedSlice x10, " in text

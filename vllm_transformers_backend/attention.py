@@ -125,6 +125,15 @@ def vllm_attention_forward(
     return out.view(1, num_tokens, -1, query.shape[-1]), None
 
 
+def vllm_attention_of(instance: Any) -> Any:
+    """The vLLM ``Attention`` inside a layer's attention instance: the backend's wrappers (GatheredHeadsAttention,
+    WindowedAttention, nested) hold it as ``.attn``; other instances (EncoderOnlyAttention) are returned as they
+    are."""
+    while not hasattr(instance, "impl") and hasattr(instance, "attn"):
+        instance = instance.attn
+    return instance
+
+
 def adopt_scaling(attn: Any, scaling: Any, head_dim: int, layer_idx: int) -> None:
     """Makes the layer's vLLM attention use the softmax scale HF passes per call (``scaling=``; None means
     HF's default, ``head_dim ** -0.5``). The instance was built with the module's ``scaling`` attribute,
@@ -133,7 +142,7 @@ def adopt_scaling(attn: Any, scaling: Any, head_dim: int, layer_idx: int) -> Non
     Runs on the model's first forward only: vLLM's profiling run, eager, before any CUDA graph is captured,
     so a graph records the adopted scale and steps pay nothing. HF passes the same scale on every call of a
     layer (vLLM's kernels take one scale per layer)."""
-    impl = getattr(getattr(attn, "attn", attn), "impl", None)  # GatheredHeadsAttention wraps the Attention
+    impl = getattr(vllm_attention_of(attn), "impl", None)
     if impl is None:
         return
     wanted = float(scaling) if scaling is not None else head_dim ** -0.5

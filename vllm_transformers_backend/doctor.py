@@ -71,8 +71,12 @@ def report(llm: Any = None) -> Dict[str, Any]:
         from .live import backend_model
         from .runtime import model_modules, model_replacements
 
+        from .quantization import method_name
+
         model = backend_model(llm)
         result["model"] = {"class": type(model).__name__, "body": type(model.model).__name__,
+                           "quantization": method_name(model.quant_config),
+                           "lora": model.lora_config is not None,
                            "modules": model_modules(model), "speed_passes": model_replacements(model),
                            "log": [r.line() for r in model.speed_passes]}
     result["ok"] = bool(result["vllm_supported"] and result["transformers_supported"] and "vllm_error" not in result
@@ -108,6 +112,8 @@ def format_report(result: Dict[str, Any]) -> str:
     if "model" in result:
         model = result["model"]
         lines.append(f"model {model['class']} ({model['body']}): its run-time replacements")
+        lines.append(f"  quantization: {model['quantization'] or 'none'}; LoRA adapters: "
+                     f"{'enabled' if model['lora'] else 'off'}")
         lines.append("  vLLM modules: " + ", ".join(f"{name} x{n}" for name, n in model["modules"].items()))
         lines.extend(f"  {line}" for line in model["log"])
     lines.append("OK" if result["ok"] else "NOT OK: model_impl='transformers' will not work")

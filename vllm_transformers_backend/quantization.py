@@ -65,8 +65,10 @@ def finish_attention_loading(instances: Iterable[Any]) -> None:
     """Runs the KV-cache scale method of each ``Attention`` after loading, as vLLM's loader does for the
     attention modules of its own models: it settles the scales (1.0 when the checkpoint has none) and frees
     the placeholder parameters."""
+    from .attention import vllm_attention_of
+
     for instance in instances:
-        attn = getattr(instance, "attn", instance)  # GatheredHeadsAttention wraps vLLM's Attention
+        attn = vllm_attention_of(instance)  # inside the backend's wrappers (TP-gathered heads, a layer's window)
         method = getattr(attn, "quant_method", None)
         if method is not None and hasattr(attn, "k_scale"):
             method.process_weights_after_loading(attn)

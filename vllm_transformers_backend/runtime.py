@@ -108,11 +108,13 @@ def model_replacements(model: Any) -> List[Dict[str, Any]]:
 def model_modules(model: Any) -> Dict[str, int]:
     """The vLLM modules a backend model was built with (class -> how many): the linears by tp_plan style,
     embedding, norms, fused slices, head, and each layer's attention instance with its vLLM backend."""
+    from .attention import vllm_attention_of
+
     counts: Dict[str, int] = {}
     modules = [m for m in model.modules() if m is not model
                and type(m).__module__.startswith(("vllm.", "vllm_transformers_backend."))]
     for attn in getattr(model, "attention_instances", {}).values():
-        impl = getattr(getattr(attn, "attn", attn), "impl", None)
+        impl = getattr(vllm_attention_of(attn), "impl", None)
         modules.append(f"{type(attn).__name__}({type(impl).__name__})" if impl is not None else attn)
     for module in modules:
         name = module if isinstance(module, str) else type(module).__name__

@@ -19,6 +19,7 @@ from vllm_transformers_backend.runtime import record_patches
 
 from ._base import Patch, PatchError
 from .cli import CliPatch
+from .config_dtype import ConfigDtypePatch
 from .cpu_embedding import CpuEmbeddingPatch
 from .cpu_group_coordinator import CpuGroupCoordinatorPatch
 from .cpu_model_input import CpuModelInputPatch
@@ -27,17 +28,21 @@ from .engine_args import EngineArgsPatch
 from .hf_config import HFConfigPatch
 from .launcher import LauncherPatch
 from .llm import LLMPatch
+from .llm_requests import LLMRequestsPatch
 from .lora_layers import LoRALayersPatch
 from .model_architecture import ModelArchitecturePatch
 from .model_config import ModelConfigPatch
 from .model_loader import ModelLoaderPatch
+from .openai_prompt_tokens import OpenAIPromptTokensPatch
 from .pipeline_parallel import PipelineParallelPatch
+from .prompt_validation import PromptValidationPatch
 from .rope import RopePatch
 from .tokenizer import TokenizerPatch
 
 #: In application order: ModelConfig before EngineArgs (create_model_config hands model_impl over).
 PATCHES: List[Patch] = [
     HFConfigPatch(),
+    ConfigDtypePatch(),
     RopePatch(),
     ModelConfigPatch(),
     EngineArgsPatch(),
@@ -48,6 +53,9 @@ PATCHES: List[Patch] = [
     LLMPatch(),
     LauncherPatch(),
     LoRALayersPatch(),
+    PromptValidationPatch(),
+    LLMRequestsPatch(),
+    OpenAIPromptTokensPatch(),
     CpuEmbeddingPatch(),
     EmbeddingRunnerPatch(),
     PipelineParallelPatch(),

@@ -65,6 +65,13 @@ class Patch:
         raise NotImplementedError
 
 
+class FixPatch(Patch):
+    """A patch that fixes vLLM's own behaviour (for every model): neither vLLM nor the backend needs it to
+    work, so a failure to apply is reported (``doctor``, the log) but does not stop the backend."""
+
+    required = False
+
+
 def resolve(path: str) -> Any:
     """``"package.module"`` or ``"package.module:Class"``: the module (imported) or the class in it."""
     module_name, _, qualname = path.partition(":")

@@ -1,29 +1,68 @@
 """`vllm serve PATH --model-impl transformers` end to end on the CPU: the CLI flag exists, the spawned
 engine process is patched (start-up hook), and the OpenAI-compatible server answers a completion, a chat
-completion and 50 concurrent requests through the `openai` client. The server is always stopped."""
+completion and 50 concurrent requests through the `openai` client. Bad requests get HTTP 400 with an
+OpenAI-style error body and never reach the engine, also when mixed with good ones (issue #23). One server
+for the module; it is always stopped."""
 from __future__ import annotations
 
 import concurrent.futures
+import random
+import urllib.request
 
 import pytest
 
 from tests import helpers
 
+MAX_MODEL_LEN = 512
+PROMPTS = [f"{n} plus {n} equals" for n in range(10)]
+TOKENS = 6
+VOCAB = 49152  # SmolLM2's
 
-@pytest.fixture()
-def server(smollm2_path, tmp_path):
-    log_path = tmp_path / "server.log"
-    args = ["--model-impl", "transformers", "--max-model-len", "512", "--served-model-name", "smollm2",
+
+def _healthy(base: str) -> bool:
+    try:
+        return urllib.request.urlopen(f"{base}/health", timeout=10).status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    args = ["--model-impl", "transformers", "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "smollm2",
             "--dtype", "float32"]  # "auto" turns float32 checkpoints into float16 (bfloat16 on the CPU)
     with helpers.vllm_server(smollm2_path, args, log_path) as base:
         yield base, log_path
 
 
-def test_vllm_serve_with_model_impl_transformers(server):
+@pytest.fixture(scope="module")
+def client(server):
     import openai
 
+    base, _ = server
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def _complete(client, prompt, max_tokens: int = TOKENS) -> str:
+    return client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens,
+                                     temperature=0).choices[0].text
+
+
+@pytest.fixture(scope="module")
+def sequential(client):
+    """Each prompt's answer asked alone, one after the other: what every concurrent answer must equal."""
+    return {p: _complete(client, p) for p in PROMPTS}
+
+
+def _assert_server_alive(server) -> None:
     base, log_path = server
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
+    assert _healthy(base)
+    log = log_path.read_text()
+    for marker in ("Engine loop has died", "MQLLMEngine is already dead", "Traceback"):
+        assert marker not in log, log[-3000:]
+
+
+def test_vllm_serve_with_model_impl_transformers(server, client, sequential):
     completion = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4,
                                            temperature=0)
     assert completion.choices[0].text.startswith(" Paris"), completion
@@ -32,18 +71,68 @@ def test_vllm_serve_with_model_impl_transformers(server):
     assert "Paris" in chat.choices[0].message.content, chat
 
     # 50 concurrent requests, 10 distinct prompts: each answer must equal that prompt's sequential answer.
-    prompts = [f"{n} plus {n} equals" for n in range(10)]
-    expected = {p: client.completions.create(model="smollm2", prompt=p, max_tokens=6, temperature=0).choices[0].text
-                for p in prompts}
-
     def ask(i: int) -> tuple:
-        prompt = prompts[i % len(prompts)]
-        reply = client.completions.create(model="smollm2", prompt=prompt, max_tokens=6, temperature=0)
-        return prompt, reply.choices[0].text
+        prompt = PROMPTS[i % len(PROMPTS)]
+        return prompt, _complete(client, prompt)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
         answers = list(pool.map(ask, range(50)))
     assert len(answers) == 50
-    mismatches = [(p, got, expected[p]) for p, got in answers if got != expected[p]]
+    mismatches = [(p, got, sequential[p]) for p, got in answers if got != sequential[p]]
     assert not mismatches, mismatches[:5]
-    assert "the Transformers backend (TransformersForCausalLM)" in log_path.read_text()
+    assert "the Transformers backend (TransformersForCausalLM)" in server[1].read_text()
+
+
+#: (prompt, max_tokens, what the 400's message must say)
+BAD_REQUESTS = [
+    ([1, 504, VOCAB], TOKENS, rf"1 token id outside the model's vocabulary of {VOCAB} tokens .*: {VOCAB} \(position 2\)"),
+    ([-1, 504], TOKENS, r"outside the model's vocabulary .*: -1 \(position 0\)"),
+    ([5, 10**12], TOKENS, rf"{10**12} \(position 1\)"),
+    ("", TOKENS, r"The prompt cannot be empty"),
+    ([7] * (MAX_MODEL_LEN + 10), TOKENS, rf"maximum context length is {MAX_MODEL_LEN} tokens"),
+    ("Hello", MAX_MODEL_LEN + 1, rf"maximum context length is {MAX_MODEL_LEN} tokens"),
+]
+
+
+def _assert_bad_request(exc, message: str) -> None:
+    import re
+
+    import openai
+
+    assert isinstance(exc, openai.BadRequestError), repr(exc)
+    assert exc.status_code == 400
+    body = exc.body  # vLLM's ErrorResponse: {"object": "error", "message", "type", "code"}
+    assert body["object"] == "error" and body["code"] == 400 and body["type"] == "BadRequestError", body
+    assert re.search(message, body["message"]), body["message"]
+
+
+@pytest.mark.parametrize("prompt,max_tokens,message", BAD_REQUESTS, ids=["vocab-size", "negative", "huge", "empty",
+                                                                        "too-long", "max-tokens-too-many"])
+def test_bad_request_is_a_400_and_the_server_goes_on(server, client, sequential, prompt, max_tokens, message):
+    with pytest.raises(Exception) as info:
+        _complete(client, prompt, max_tokens)
+    _assert_bad_request(info.value, message)
+    assert _complete(client, PROMPTS[3]) == sequential[PROMPTS[3]]
+    _assert_server_alive(server)
+
+
+def test_bad_requests_mixed_with_good_ones_concurrently(server, client, sequential):
+    """20 bad requests among 50 good ones, all at once: every bad one a 400, every good one its answer."""
+    jobs = [("good", PROMPTS[i % len(PROMPTS)], TOKENS, None) for i in range(50)]
+    jobs += [("bad", *BAD_REQUESTS[i % len(BAD_REQUESTS)]) for i in range(20)]
+    random.Random(0).shuffle(jobs)
+
+    def run(job):
+        try:
+            return _complete(client, job[1], job[2])
+        except Exception as exc:  # judged below
+            return exc
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    for (kind, prompt, _, message), result in zip(jobs, results):
+        if kind == "good":
+            assert result == sequential[prompt], (prompt, result)
+        else:
+            _assert_bad_request(result, message)
+    _assert_server_alive(server)

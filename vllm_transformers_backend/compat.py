@@ -18,6 +18,9 @@ MIN_TRANSFORMERS = Version("4.48.0")
 #: The vLLM release whose internals the patches know. Forks carry local suffixes (``0.6.2+cpu``,
 #: ``0.6.2+mlu...``); they compare by base version.
 SUPPORTED_VLLM = Version("0.6.2")
+#: transformers 4.56 renamed ``torch_dtype`` (config attribute, ``from_config``/``from_pretrained`` keyword)
+#: to ``dtype`` and logs a deprecation warning for the old name.
+DTYPE_KEYWORD_SINCE = Version("4.56.0")
 
 
 class UnsupportedVersionError(RuntimeError):
@@ -86,13 +89,19 @@ def check_transformers() -> None:
         )
 
 
+def dtype_keyword() -> str:
+    """The name transformers gives the dtype: ``dtype`` from 4.56 on (``torch_dtype`` is deprecated there),
+    ``torch_dtype`` before."""
+    return "dtype" if Version(transformers_version().base_version) >= DTYPE_KEYWORD_SINCE else "torch_dtype"
+
+
 def dtype_kwargs(dtype: Any) -> Dict[str, Any]:
-    """The keyword ``from_config``/``from_pretrained`` take for the dtype (``dtype`` from v5 on)."""
-    return {"dtype": dtype} if is_transformers_v5() else {"torch_dtype": dtype}
+    """The keyword ``from_config``/``from_pretrained`` take for the dtype."""
+    return {dtype_keyword(): dtype}
 
 
 def set_config_dtype(config: Any, dtype: Any) -> None:
-    setattr(config, "dtype" if is_transformers_v5() else "torch_dtype", dtype)
+    setattr(config, dtype_keyword(), dtype)
 
 
 def transformers_config(config: Any) -> Any:

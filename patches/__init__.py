@@ -33,6 +33,7 @@ from .lora_layers import LoRALayersPatch
 from .model_architecture import ModelArchitecturePatch
 from .model_config import ModelConfigPatch
 from .model_loader import ModelLoaderPatch
+from .mq_engine_liveness import MQEngineLivenessPatch
 from .openai_prompt_tokens import OpenAIPromptTokensPatch
 from .pipeline_parallel import PipelineParallelPatch
 from .prompt_validation import PromptValidationPatch
@@ -56,6 +57,7 @@ PATCHES: List[Patch] = [
     PromptValidationPatch(),
     LLMRequestsPatch(),
     OpenAIPromptTokensPatch(),
+    MQEngineLivenessPatch(),
     CpuEmbeddingPatch(),
     EmbeddingRunnerPatch(),
     PipelineParallelPatch(),

@@ -1,12 +1,14 @@
 """`vllm serve PATH --model-impl transformers` end to end on the CPU: the CLI flag exists, the spawned
 engine process is patched (start-up hook), and the OpenAI-compatible server answers a completion, a chat
 completion and 50 concurrent requests through the `openai` client. Bad requests get HTTP 400 with an
-OpenAI-style error body and never reach the engine, also when mixed with good ones (issue #23). One server
-for the module; it is always stopped."""
+OpenAI-style error body and never reach the engine, also when mixed with good ones (issue #23); a burst
+larger than the KV cache is queued and preempted, never fatal (issue #22). One server for the module, with
+a small KV cache so that bursts preempt; it is always stopped."""
 from __future__ import annotations
 
 import concurrent.futures
 import random
+import time
 import urllib.request
 
 import pytest
@@ -14,6 +16,9 @@ import pytest
 from tests import helpers
 
 MAX_MODEL_LEN = 512
+#: KV-cache blocks of 16 tokens: two full-length sequences, or about 30 of the short prompts below, so a
+#: burst of 100 queues and preempts.
+KV_BLOCKS = 64
 PROMPTS = [f"{n} plus {n} equals" for n in range(10)]
 TOKENS = 6
 VOCAB = 49152  # SmolLM2's
@@ -30,6 +35,7 @@ def _healthy(base: str) -> bool:
 def server(smollm2_path, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     args = ["--model-impl", "transformers", "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "smollm2",
+            "--num-gpu-blocks-override", str(KV_BLOCKS),
             "--dtype", "float32"]  # "auto" turns float32 checkpoints into float16 (bfloat16 on the CPU)
     with helpers.vllm_server(smollm2_path, args, log_path) as base:
         yield base, log_path
@@ -136,3 +142,51 @@ def test_bad_requests_mixed_with_good_ones_concurrently(server, client, sequenti
         else:
             _assert_bad_request(result, message)
     _assert_server_alive(server)
+
+
+def test_burst_beyond_the_kv_cache_is_queued_never_fatal(server, client, sequential):
+    """100 concurrent completions, about three times what the KV cache holds: the scheduler queues and
+    preempts; all are answered, each equal to its sequential answer, and the engine lives on."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=100) as pool:
+        answers = list(pool.map(lambda i: _complete(client, PROMPTS[i % len(PROMPTS)]), range(100)))
+    mismatches = [(i, got) for i, got in enumerate(answers) if got != sequential[PROMPTS[i % len(PROMPTS)]]]
+    assert not mismatches, mismatches[:5]
+    assert "is preempted by PreemptionMode" in server[1].read_text(), "the burst never filled the KV cache"
+    _assert_server_alive(server)
+
+
+def test_slow_engine_step_is_not_a_dead_engine_loop():
+    """vLLM 0.6.2's heartbeat declared the engine dead once one step ran longer than 3 x VLLM_RPC_TIMEOUT;
+    patched (as vLLM >= 0.6.4), a slow step reports healthy and a failed engine still reports its error."""
+    from vllm.engine.multiprocessing.engine import MQLLMEngine
+
+    class Engine:
+        @staticmethod
+        def check_health() -> None:
+            pass
+
+    class Heartbeat:
+        _alive = MQLLMEngine._alive
+        _set_errored = MQLLMEngine._set_errored
+
+        def __init__(self, errored_with=None):
+            self.engine = Engine()
+            self._errored_with = errored_with
+            self._last_alive_time = time.time() - 3600  # the loop has been inside one step for an hour
+            self.last_alive_threshold = 30.0
+            self.sent = []
+
+        def _send_healthy(self):
+            self.sent.append("healthy")
+
+        def _send_unhealthy(self, error):
+            self.sent.append(error)
+
+    slow = Heartbeat()
+    MQLLMEngine._heartbeat(slow)
+    assert slow.sent == ["healthy"]
+    error = RuntimeError("step failed")
+    failed = Heartbeat(errored_with=error)
+    MQLLMEngine._heartbeat(failed)
+    assert failed.sent == [error]
+

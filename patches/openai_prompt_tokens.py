@@ -14,6 +14,9 @@ from __future__ import annotations
 from ._base import FixPatch, require_parameters, wrap
 from .prompt_validation import check_token_ids, vocabulary_size
 
+#: Token ids are unsigned 32-bit integers to Hugging Face tokenizers; larger ones fail to decode.
+DECODABLE_IDS = 2**32
+
 
 class OpenAIPromptTokensPatch(FixPatch):
     name = "openai_prompt_tokens"
@@ -29,7 +32,12 @@ class OpenAIPromptTokensPatch(FixPatch):
 
         def make(original):
             def _normalize_prompt_tokens_to_input(self, request, tokenizer, prompt_ids, *args, **kwargs):
-                check_token_ids(prompt_ids, vocabulary_size(self.model_config, tokenizer))
+                if getattr(self, "lora_requests", None):
+                    # adapters may add tokens after the base vocabulary: the engine, which knows its LoRA
+                    # config, checks those; here only what the tokenizer cannot decode is refused
+                    check_token_ids(prompt_ids, DECODABLE_IDS, limit="the ids a tokenizer can decode")
+                else:
+                    check_token_ids(prompt_ids, vocabulary_size(self.model_config, tokenizer))
                 return original(self, request, tokenizer, prompt_ids, *args, **kwargs)
 
             return _normalize_prompt_tokens_to_input

@@ -42,9 +42,10 @@ def vocabulary_size(model_config: Any, tokenizer: Any = None) -> int:
     return size
 
 
-def check_token_ids(token_ids: Iterable[Any], vocab_size: int, what: str = "prompt") -> None:
+def check_token_ids(token_ids: Iterable[Any], vocab_size: int, what: str = "prompt",
+                    limit: Optional[str] = None) -> None:
     """Raises :class:`InvalidPromptError` naming the ids (and positions) that are not integers in
-    ``[0, vocab_size)``."""
+    ``[0, vocab_size)``; ``limit`` says what ``vocab_size`` is when it is not the model's vocabulary."""
     bad: List[Tuple[int, Any]] = []
     count = 0
     for position, token in enumerate(token_ids):
@@ -60,9 +61,10 @@ def check_token_ids(token_ids: Iterable[Any], vocab_size: int, what: str = "prom
         return
     named = ", ".join(f"{token!r} (position {position})" for position, token in bad)
     more = f" and {count - len(bad)} more" if count > len(bad) else ""
+    limit = limit or f"the model's vocabulary of {vocab_size} tokens"
     raise InvalidPromptError(
-        f"The {what} has {count} token id{'s' if count > 1 else ''} outside the model's vocabulary of "
-        f"{vocab_size} tokens (valid ids are integers 0 to {vocab_size - 1}): {named}{more}."
+        f"The {what} has {count} token id{'s' if count > 1 else ''} outside {limit} (valid ids are "
+        f"integers 0 to {vocab_size - 1}): {named}{more}."
     )
 
 
@@ -98,6 +100,10 @@ def validate_inputs(engine: Any, inputs: Any, params: Any, lora_request: Any) ->
     if getattr(model_config, "is_multimodal_model", False) and engine.tokenizer is not None:
         tokenizer = engine.get_tokenizer(lora_request)
     vocab_size = vocabulary_size(model_config, tokenizer)
+    lora_config = getattr(engine, "lora_config", None)
+    if lora_request is not None and lora_config is not None:
+        # an adapter may add tokens after the base vocabulary (vLLM's LoRA embedding holds them)
+        vocab_size += int(getattr(lora_config, "lora_extra_vocab_size", 0) or 0)
     max_len = model_config.max_model_len
     long_context = getattr(lora_request, "long_lora_max_len", None) if lora_request is not None else None
     if long_context:  # the scheduler's own limit for long-context LoRA

@@ -191,3 +191,28 @@ def test_missing_local_model_folder_is_named(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"'~' is not expanded; '.*/model' exists"):
         check_model_path("~/model")
     check_model_path("org/name")  # a possible hub repo id: left to the hub
+
+
+def test_lora_extra_vocabulary_and_long_context_limits():
+    """With a LoRA request the adapter's extra tokens (after the base vocabulary) are valid ids, and a
+    long-context adapter's length limit replaces max_model_len, as vLLM's LoRA embedding and scheduler
+    take them; without one the base limits hold."""
+    import types
+
+    from vllm import SamplingParams
+
+    from vllm_transformers_backend.patches.prompt_validation import InvalidPromptError, validate_inputs
+
+    model_config = types.SimpleNamespace(get_vocab_size=lambda: 100, max_model_len=16, is_multimodal_model=False)
+    engine = types.SimpleNamespace(model_config=model_config, tokenizer=None, is_encoder_decoder_model=lambda: False,
+                                   lora_config=types.SimpleNamespace(lora_extra_vocab_size=8))
+    params = SamplingParams(max_tokens=1)
+    adapter = types.SimpleNamespace(long_lora_max_len=64)
+    validate_inputs(engine, {"prompt_token_ids": [1, 107]}, params, adapter)
+    validate_inputs(engine, {"prompt_token_ids": [1] * 40}, params, adapter)
+    with pytest.raises(InvalidPromptError, match=r"vocabulary of 108 tokens .*: 108 \(position 0\)"):
+        validate_inputs(engine, {"prompt_token_ids": [108]}, params, adapter)
+    with pytest.raises(InvalidPromptError, match=r"vocabulary of 100 tokens .*: 107 \(position 1\)"):
+        validate_inputs(engine, {"prompt_token_ids": [1, 107]}, params, None)
+    with pytest.raises(InvalidPromptError, match="more than the maximum model length"):
+        validate_inputs(engine, {"prompt_token_ids": [1] * 40}, params, None)

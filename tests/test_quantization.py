@@ -202,6 +202,33 @@ def test_cpu_engine_refuses_quantized_models_naming_the_gpu(quantized, case):
     EngineArgs(model_impl="vllm", **args).create_engine_config()
 
 
+def test_quantization_methods_get_rows_of_tokens(checkpoints, monkeypatch):
+    """vLLM's quantized GEMMs take ``[tokens, hidden]`` (FP8's ``scaled_fp8_quant`` asserts ``ndim == 2``, the
+    CUTLASS GEMMs too) while HF keeps a batch dimension of 1. A stand-in method that asserts 2-D input as
+    they do, under every vLLM linear of the CPU engine (plain, fused q/k/v and gate/up, the gated MLP's own
+    call of gate/up), still gives HF's tokens: each call hands the method rows and HF gets its shape back."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from tests.helpers import PROMPTS, Engine, hf_greedy, vllm_greedy
+
+    original = UnquantizedLinearMethod.apply
+    called = set()
+
+    def apply_rows_only(self, layer, x, bias=None):
+        assert x.dim() == 2, f"{type(layer).__name__} got input of shape {tuple(x.shape)}"
+        called.add(type(layer).__name__)
+        return original(self, layer, x, bias)
+
+    monkeypatch.setattr(UnquantizedLinearMethod, "apply", apply_rows_only)
+    path = checkpoints("llama")
+    prompts = PROMPTS + [[7]]
+    with Engine(path, "transformers") as llm:
+        tokens = vllm_greedy(llm, prompts, 4)
+    # the fused layers, and o_proj/down_proj as the backend's own linears (HFReplicatedLinear at TP=1)
+    assert {"QKVParallelLinear", "MergedColumnParallelLinear"} < called and any(n.startswith("HF") for n in called)
+    assert tokens == hf_greedy(path, prompts, 4)
+
+
 def test_packers_agree_with_vllms_and_dequantize_to_the_weight():
     """The test checkpoints' GPTQ/AWQ packing equals vLLM's reference packers (quant_utils); unpacked with
     vLLM's unpacker and dequantized by the format's rule, the stored tensors give the returned weights, which

@@ -48,6 +48,7 @@ from vllm.model_executor.layers.linear import (ColumnParallelLinear, LinearBase,
                                                QKVParallelLinear, ReplicatedLinear, UnquantizedLinearMethod)
 
 from . import devices
+from .layers import linear_rows
 from .passes import Build, Replacement, SpeedPass, Verdict
 from .weights import StackedShard
 
@@ -91,7 +92,7 @@ class _FusedGroup:
             if self.taken == self.full:
                 self.clear()
             return out
-        output, _ = self.layer(x)
+        output = linear_rows(self.layer, x)
         self.outputs = output.split(self.sizes, dim=-1)
         self.input = x
         self.taken = bit
@@ -389,7 +390,7 @@ def _is_standard_glu_forward(mlp: nn.Module) -> bool:
 
 
 def _glu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate_up, _ = self.gate_proj.fused_layer(x)
+    gate_up = linear_rows(self.gate_proj.fused_layer, x)
     return self.down_proj(self.vllm_act_and_mul(gate_up))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -27,12 +27,25 @@ from . import devices
 from .passes import Build, Replacement, SpeedPass, Verdict
 
 
+def linear_rows(forward: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)``'s output tensor for a vLLM linear's ``forward`` (``(output, bias)``), called on ``x`` as
+    rows: HF keeps a batch dimension (``[1, tokens, hidden]``) and vLLM's linears and quantization methods
+    take ``[tokens, hidden]`` (FP8's ``scaled_fp8_quant`` and the CUTLASS GEMMs assert 2-D input; GPTQ/AWQ
+    flatten themselves). The leading dimensions are folded into one and restored on the output: views
+    unless ``x`` is not contiguous (a copy the GEMM would need anyway); 2-D input is passed as is."""
+    if x.dim() <= 2:
+        output, _ = forward(x)  # the bias comes back only with skip_bias_add, never set here
+        return output
+    output, _ = forward(x.reshape(-1, x.shape[-1]))
+    return output.view(*x.shape[:-1], output.shape[-1])
+
+
 class TensorOutput:
-    """Mixin for a vLLM layer returning ``(output, bias)``: returns the output tensor, as HF modules expect."""
+    """Mixin for a vLLM layer returning ``(output, bias)``: returns the output tensor, as HF modules expect,
+    for input of HF's shape (:func:`linear_rows`). vLLM's LoRA layers of the backend's linears mix it in too."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        output, _ = super().forward(x)  # the bias comes back only with skip_bias_add, never set here
-        return output
+        return linear_rows(super().forward, x)
 
 
 class HFReplicatedLinear(TensorOutput, ReplicatedLinear):

@@ -266,12 +266,24 @@ def _quantized_fusable(names: Sequence[str], fused_name: str) -> bool:
     return list(FUSED_LAYER_NAME_MAPPING.get(fused_name, ())) == list(names)
 
 
+def _release(layer: LinearBase) -> None:
+    """Frees a replaced sibling's tensors now. They were allocated on the model's device when the HF linear
+    became a vLLM linear, and each vLLM parameter's ``weight_loader`` is a method of its layer: a reference
+    cycle that only a garbage collection breaks. vLLM measures the model's memory ("Loading model weights
+    took") before it collects, so the dropped q/k/v and gate/up weights counted as the backend's, beside the
+    fused layer's own copy (and stayed allocated until some later collection)."""
+    for module in layer.modules():
+        module._parameters.clear()
+        module._buffers.clear()
+
+
 def _install(parent: nn.Module, names: Sequence[str], shard_ids: Sequence[Any], layer: LinearBase,
              originals: Sequence[LinearBase], fused_name: str) -> None:
     parent.add_module(fused_name, layer)
     group = _FusedGroup(parent, fused_name, layer.output_partition_sizes)
     for index, (name, shard_id, original) in enumerate(zip(names, shard_ids, originals)):
         setattr(parent, name, FusedSlice(group, index, shard_id, original))
+        _release(original)
 
 
 _SHARD_IDS = {"qkv": ("q", "k", "v"), "gate_up": (0, 1)}

@@ -118,11 +118,26 @@ def vllm_attention_forward(
         ctx.called.add(layer_idx)
         adopt_scaling(attn, scaling, query.shape[-1], layer_idx)
     num_tokens = query.shape[-2]
-    q = query.transpose(1, 2).reshape(num_tokens, -1)
-    k = key.transpose(1, 2).reshape(num_tokens, -1)
-    v = value.transpose(1, 2).reshape(num_tokens, -1)
-    out = attn(q, k, v, ctx.kv_caches[layer_idx - ctx.start_layer], ctx.attn_metadata)
-    return out.view(1, num_tokens, -1, query.shape[-1]), None
+    out = attn(vllm_rows(query), vllm_rows(key), vllm_rows(value), ctx.kv_caches[layer_idx - ctx.start_layer],
+               ctx.attn_metadata)
+    # vLLM promises the shape [tokens, heads * head_dim], not a layout: reshape (a view when it can be).
+    return out.reshape(1, num_tokens, -1, query.shape[-1]), None
+
+
+def vllm_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[1, heads, tokens, head_dim]`` as the ``[tokens, heads * head_dim]`` tensor vLLM's attention takes.
+
+    What vLLM 0.6.2's backends assume (their forward code and kernels): a 2-D tensor whose rows may lie
+    at any distance apart (``stride(0)``: the cache writers ``reshape_and_cache[_flash]``, paged attention
+    and FlashAttention read it; vLLM's own models pass slices of one qkv projection), but whose
+    ``heads * head_dim`` values of a row are contiguous: the kernels index inside a row by pointer, and
+    ``view(-1, heads, head_dim)`` in the backends keeps any other inner stride, which the kernels would
+    misread without an error. Anything else (heads apart in memory, a strided last dimension,
+    overlapping rows) is copied into that layout."""
+    rows = x.transpose(1, 2).reshape(x.shape[-2], -1)
+    if rows.stride(-1) == 1 and (rows.shape[0] <= 1 or rows.stride(0) >= rows.shape[-1]):
+        return rows
+    return rows.contiguous()
 
 
 def vllm_attention_of(instance: Any) -> Any:

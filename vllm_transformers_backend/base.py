@@ -33,7 +33,7 @@ from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.sequence import IntermediateTensors
 
-from . import compat, devices, fusion, hf_model as hf, lora, pipeline, quantization, sliding_window
+from . import compat, devices, fusion, hf_model as hf, kernels, lora, pipeline, quantization, sliding_window
 from ._logging import get_logger, preview
 from .attention import AttentionContext, EncoderOnlyAttention, attention_context, register_attention_function
 from .config import BackendConfig, current_backend_config
@@ -124,6 +124,8 @@ class Base(nn.Module):
         self.is_encoder = self._detect_encoder()
         if self.is_encoder:
             self._check_position_range()
+        elif not getattr(self.bundle.model_config, "embedding_mode", False):  # it will decode
+            kernels.check_paged_attention_head_size(self.device, self.bundle.model_config.get_head_size())
         self._setup_pipeline(hf_model)
         self._tp_plan_map = collect_tp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
         self._replace_modules()

@@ -48,6 +48,8 @@ class TransformersForCausalLM(Base):
         vocab_size = text_config.vocab_size
         head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
         has_bias = head is not None and getattr(head, "bias", None) is not None
+        # The head's input width: the hidden size, or a projection's (OPT's word_embed_proj_dim).
+        width = getattr(head, "in_features", None) or text_config.hidden_size
         self.tie_word_embeddings = compat.ties_word_embeddings(self.config)
         # With LoRA on the vocabulary, vLLM's Llama layout: the head has room for the adapters' extra tokens,
         # padded for the LoRA kernels, and the logits cover them.
@@ -59,7 +61,7 @@ class TransformersForCausalLM(Base):
         else:
             padding = self.lora_config.lora_vocab_padding_size if self.vocabulary_lora else DEFAULT_VOCAB_PADDING_SIZE
             self.lm_head = ParallelLMHead(
-                vocab_size + extra, text_config.hidden_size, bias=has_bias, org_num_embeddings=vocab_size,
+                vocab_size + extra, width, bias=has_bias, org_num_embeddings=vocab_size,
                 padding_size=padding, quant_config=self.quant_config,
                 prefix=(self._output_embedding_names or ["lm_head"])[0],
             )

@@ -149,3 +149,11 @@ def has_vllm_gpu_kernels(device: torch.device) -> bool:
     """Whether vLLM's CUDA kernels (``vllm._C``) serve this device: the backend then calls them directly
     for speed (rotary embedding) where HF would run many small PyTorch kernels."""
     return torch.device(device).type == "cuda"
+
+
+def has_vllm_cpu_kernels(device: torch.device) -> bool:
+    """Whether vLLM's CPU build (its ``vllm._C`` CPU kernels, with their own shape limits: :mod:`.kernels`)
+    serves this device."""
+    from vllm.utils import is_cpu
+
+    return torch.device(device).type == "cpu" and is_cpu()

@@ -23,7 +23,7 @@ from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-from . import devices
+from . import devices, kernels
 from .passes import Build, Replacement, SpeedPass, Verdict
 
 
@@ -285,8 +285,10 @@ def make_rms_norm(module: nn.Module, form: str, device: torch.device) -> nn.Modu
     cls: Type[RMSNorm] = HFGemmaRMSNorm if form == "gemma" else HFRMSNorm
     norm = cls(hidden, eps=_eps_of(module))
     # GemmaRMSNorm's kernel path is torch.compile, which on the CPU means compiling C++ at first call;
-    # on devices without vLLM kernels (MLU) only the PyTorch forward exists.
-    if (form == "gemma" and device.type == "cpu") or devices.prefers_native_layer_forward(device):
+    # on devices without vLLM kernels (MLU) only the PyTorch forward exists; the CPU kernels need a width
+    # of whole 8-value vectors (they stop at the first step otherwise).
+    if (form == "gemma" and device.type == "cpu") or devices.prefers_native_layer_forward(device) \
+            or not kernels.norm_kernel_accepts(device, hidden):
         norm._forward_method = norm.forward_native
     return norm
 

@@ -53,3 +53,39 @@ def _process_group():
 #: an engine: per test, or shared by a module's tests (each set-up costs about a second).
 one_process_group = pytest.fixture(_process_group)
 module_process_group = pytest.fixture(scope="module")(_process_group)
+
+
+SWEEP_ENV = "VTB_SWEEP"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sweep", action="store_true",
+                     help=f"run the whole shape sweep (tests marked 'sweep'; also {SWEEP_ENV}=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --sweep, the sweep's cases beyond the CI subset are deselected (and counted as such)."""
+    if config.getoption("--sweep") or os.environ.get(SWEEP_ENV) == "1":
+        return
+    kept = [item for item in items if "sweep" not in item.keywords]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "sweep" in item.keywords])
+        items[:] = kept
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What the shape sweep met: how many cases equal HF, each refusal with its error, each near-tie."""
+    from tests import sweep
+
+    if not sweep.OUTCOMES:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("shape sweep")
+    equal = [o for o in sweep.OUTCOMES if o.status == "equal"]
+    refused = [o for o in sweep.OUTCOMES if o.status == "refused"]
+    write(f"{len(equal)} case(s) equal to HF, {len(refused)} refused at load (documented refusals)")
+    for outcome in refused:
+        write(f"REFUSED {outcome.case.id}: {outcome.detail}")
+    for outcome in equal:
+        if outcome.detail:
+            write(f"TIE {outcome.case.id}: {outcome.detail}")

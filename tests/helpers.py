@@ -32,10 +32,26 @@ _COMMON = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidde
                num_attention_heads=2, max_position_embeddings=512)
 
 
+#: Extra config values every factory below applies last (set by :func:`config_overrides`; the shape sweep).
+_OVERRIDES: Dict[str, Any] = {}
+
+
 def _cfg(cls_name: str, **overrides: Any):
     import transformers
 
-    return getattr(transformers, cls_name)(**{**_COMMON, **overrides})
+    return getattr(transformers, cls_name)(**{**_COMMON, **overrides, **_OVERRIDES})
+
+
+@contextlib.contextmanager
+def config_overrides(**values: Any) -> Iterator[None]:
+    """``ARCHITECTURES[name][0]()`` inside this block builds the config with ``values`` on top."""
+    previous = dict(_OVERRIDES)
+    _OVERRIDES.update(values)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(previous)
 
 
 #: name -> (config factory, whether vLLM 0.6.2 has a native implementation usable on the CPU)
@@ -69,6 +85,8 @@ ARCHITECTURES: Dict[str, tuple] = {
     "mistral": (lambda: _cfg("MistralConfig", num_key_value_heads=1, head_dim=None, sliding_window=None), True),
     # full-width q/k RMSNorms; no native vLLM 0.6.2 implementation
     "olmo2": (lambda: _cfg("Olmo2Config", num_key_value_heads=1, tie_word_embeddings=False), False),
+    # q pre-scaled by the module, attention called with scaling=1.0; learned positions offset by 2; tied
+    "opt": (lambda: _cfg("OPTConfig", word_embed_proj_dim=128, ffn_dim=256), True),
 }
 
 #: The first transformers release that has the architecture at all.

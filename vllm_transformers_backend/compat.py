@@ -32,6 +32,7 @@ class UnsupportedVersionError(RuntimeError):
 #: refuses them before building there; the tests take their expectations from this table too.
 INTERFACE_SINCE: Dict[str, str] = {
     "gpt_neox": "4.49.0",
+    "opt": "4.52.0",
     "esm": "4.56.0",
     **{model_type: "5.0.0" for model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert",
                                               "albert", "data2vec-text", "ernie")},

@@ -59,7 +59,7 @@ class Case:
         return f"{self.arch}-{self.name}"
 
     def describe(self) -> str:
-        shown = {k: v for k, v in self.config.items() if k not in _SYNONYMS}
+        shown = {k.lstrip("_"): v for k, v in self.config.items() if k not in _SYNONYMS}
         return ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) + "".join(
             f", {k}={v}" for k, v in self.env.items())
 

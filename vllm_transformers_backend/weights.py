@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Pattern, Sequence, Set, Tuple
+from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Pattern, Protocol, Sequence, Set,
+                    Tuple)
 
 import torch
 from torch import nn
@@ -70,11 +71,15 @@ class WeightsMapper:
     ignore_unexpected_fns: List[Callable[[str], bool]] = field(default_factory=list)
     #: Module name of a fused sibling (``model.layers.0.self_attn.q_proj``) -> where its tensors load.
     stacked: Dict[str, StackedShard] = field(default_factory=dict)
+    #: Checks run on a key that maps nowhere, before it is reported unexpected: each raises when the key
+    #: needs a checkpoint conversion the backend does not apply (transformers 5 ``WeightConverter``).
+    refusals: List[Callable[[str], None]] = field(default_factory=list)
 
     def copy(self) -> "WeightsMapper":
         """A mapper with the same rules whose lists can grow apart from this one's."""
         return WeightsMapper(list(self.renames), list(self.rename_fns), list(self.prefixes), list(self.ignore),
-                             list(self.ignore_unexpected), list(self.ignore_unexpected_fns), dict(self.stacked))
+                             list(self.ignore_unexpected), list(self.ignore_unexpected_fns), dict(self.stacked),
+                             list(self.refusals))
 
     def add_rename(self, pattern: str, replacement: str) -> None:
         self.renames.append((re.compile(pattern), replacement))
@@ -107,7 +112,11 @@ class WeightsMapper:
         if self.is_ignored(name):
             return Resolution(None, None, False)
         target, shard = self.locate(name, targets)
-        return Resolution(target, shard, target is None and not self.is_ignored_unexpected(name))
+        unexpected = target is None and not self.is_ignored_unexpected(name)
+        if unexpected:
+            for refuse in self.refusals:
+                refuse(self.candidates(name)[0])
+        return Resolution(target, shard, unexpected)
 
     def map(self, name: str, targets: Set[str] | Dict[str, object]) -> Optional[str]:
         """The model name this checkpoint key loads into, or None if it maps nowhere."""
@@ -126,8 +135,9 @@ class WeightsMapper:
 
 
 def add_checkpoint_transforms(mapper: WeightsMapper, transforms: Sequence[object]) -> None:
-    """transformers 5 transforms: renames are applied; a converter (tensors merged or split, e.g. MoE
-    experts packed into one tensor) that matches a checkpoint key is refused with its name."""
+    """transformers 5 transforms: renames are applied. A converter (tensors merged or split) is refused by name
+    for a key that nothing else places: per-expert tensors packed by transformers' MoE converters are taken
+    before the mapping by the backend's expert loader (:mod:`.moe_weights`) for the blocks it knows."""
     for transform in transforms:
         rename = getattr(transform, "rename_source_key", None)
         if rename is None:
@@ -135,16 +145,16 @@ def add_checkpoint_transforms(mapper: WeightsMapper, transforms: Sequence[object
         if type(transform).__name__ == "WeightRenaming":
             mapper.rename_fns.append(lambda key, rename=rename: rename(key)[0])
         else:
-            def refuse(key: str, rename=rename, transform=transform) -> str:
+            def refuse(key: str, rename=rename, transform=transform) -> None:
                 if rename(key)[1] is not None:
                     raise WeightsLoadingError(
                         f"checkpoint tensor {key!r} needs transformers' {type(transform).__name__} "
-                        f"({transform!r}), which merges or splits tensors; the backend does not apply such "
-                        "conversions yet. Convert the checkpoint with transformers (save_pretrained) first."
+                        f"({transform!r}), which merges or splits tensors; the backend applies such conversions "
+                        "only to the mixture-of-experts layouts it knows (gated experts, per-expert or packed "
+                        "[gate; up]). Convert the checkpoint with transformers (save_pretrained) first."
                     )
-                return key
 
-            mapper.rename_fns.append(refuse)
+            mapper.refusals.append(refuse)
 
 
 def legacy_renames(mapper: WeightsMapper) -> None:
@@ -195,6 +205,18 @@ def _default_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+class TensorConsumer(Protocol):
+    """Takes checkpoint tensors the name mapping cannot place alone (a mixture-of-experts block's experts in
+    another layout than the model's, :class:`.moe_weights.ExpertTensors`), and answers for its parameters.
+    ``take`` gets a tensor when loading, a shape or None in a dry run (then it only checks)."""
+
+    def take(self, key: str, candidates: Sequence[str], tensor: Any) -> bool: ...
+
+    def owned(self) -> Set[str]: ...
+
+    def unfilled(self) -> List[str]: ...
+
+
 @dataclass
 class LoadAccount:
     """What a checkpoint does to a module: the names it fills and what does not fit."""
@@ -211,9 +233,10 @@ class LoadAccount:
 
 
 def _account(module: nn.Module, weights: Iterable[Tuple[str, Any]], mapper: WeightsMapper, skip: Sequence[str],
-             dry_run: bool) -> LoadAccount:
+             consumers: Sequence[TensorConsumer], dry_run: bool) -> LoadAccount:
     """The loader's bookkeeping, shared by loading (``weights`` are tensors, copied in) and the dry run
-    (``weights`` are shapes or None, as a checkpoint header lists them; nothing is copied)."""
+    (``weights`` are shapes or None, as a checkpoint header lists them; nothing is copied). ``consumers`` see
+    each key (with the mapper's candidate names) first; the parameters they own they check themselves."""
     params = dict(module.named_parameters(remove_duplicate=False))
     buffers = dict(module.named_buffers())
     targets = {**buffers, **params}
@@ -222,6 +245,10 @@ def _account(module: nn.Module, weights: Iterable[Tuple[str, Any]], mapper: Weig
     # Fused parameters are complete when every shard has loaded: (fused parameter) -> shard ids loaded.
     shards_loaded: Dict[str, Set[Any]] = {}
     for name, tensor in weights:
+        if consumers and not mapper.is_ignored(name):
+            candidates = mapper.candidates(name)
+            if any(consumer.take(name, candidates, tensor) for consumer in consumers):
+                continue
         target, shard, unexpected = mapper.resolve(name, targets)
         if target is None:
             if unexpected:
@@ -261,9 +288,11 @@ def _account(module: nn.Module, weights: Iterable[Tuple[str, Any]], mapper: Weig
                 buffer.copy_(tensor)
         account.loaded.add(target)
     fused = {shard.fused for shard in mapper.stacked.values()}
+    owned = set().union(*(consumer.owned() for consumer in consumers)) if consumers else set()
     account.missing = sorted(n for n in params if n not in account.loaded and n not in skip_set
-                             and n.rpartition(".")[0] not in fused)
-    account.missing += _missing_shards(mapper, params, shards_loaded)
+                             and n.rpartition(".")[0] not in fused and n not in owned)
+    account.missing += _missing_shards(mapper, params, shards_loaded, owned)
+    account.missing += [line for consumer in consumers for line in consumer.unfilled()]
     return account
 
 
@@ -273,13 +302,15 @@ def load_weights(
     mapper: WeightsMapper,
     *,
     skip: Sequence[str] = (),
+    consumers: Sequence[TensorConsumer] = (),
 ) -> Set[str]:
     """Loads ``weights`` into ``module``'s parameters (and persistent buffers) through ``mapper``.
 
     ``skip``: model names whose checkpoint entries are dropped (a tied ``lm_head.weight``) and that may
-    stay unloaded. Returns the loaded names; raises when a key maps nowhere or a parameter stays empty.
+    stay unloaded. ``consumers``: see :func:`_account`. Returns the loaded names; raises when a key maps
+    nowhere or a parameter stays empty.
     """
-    account = _account(module, weights, mapper, skip, dry_run=False)
+    account = _account(module, weights, mapper, skip, consumers, dry_run=False)
     if account.unmapped:
         raise WeightsLoadingError(
             f"{len(account.unmapped)} checkpoint tensor(s) map to no parameter of {type(module).__name__}: "
@@ -307,8 +338,10 @@ def _shard_note(shard: Optional[StackedShard]) -> str:
     return "" if shard is None else f" (shard {shard.shard_id!r} of the fused {shard.fused})"
 
 
-def _missing_shards(mapper: WeightsMapper, params: Dict[str, object], shards_loaded: Dict[str, Set[Any]]) -> List[str]:
-    """The fused siblings' parameters (by their own names) whose shard the checkpoint did not fill."""
+def _missing_shards(mapper: WeightsMapper, params: Dict[str, object], shards_loaded: Dict[str, Set[Any]],
+                    owned: Set[str] = frozenset()) -> List[str]:
+    """The fused siblings' parameters (by their own names) whose shard the checkpoint did not fill (those a
+    consumer owns, it checks itself)."""
     by_module: Dict[str, List[str]] = {}
     for name in params:
         module, _, param = name.rpartition(".")
@@ -316,13 +349,17 @@ def _missing_shards(mapper: WeightsMapper, params: Dict[str, object], shards_loa
     missing = []
     for module, shard in sorted(mapper.stacked.items()):
         for param in by_module.get(shard.fused, ()):
+            if f"{shard.fused}.{param}" in owned:
+                continue
             if shard.shard_id not in shards_loaded.get(f"{shard.fused}.{param}", ()):
                 missing.append(f"{module}.{param}")
     return missing
 
+
 def dry_run(module: nn.Module, shapes: Iterable[Tuple[str, Optional[Tuple[int, ...]]]], mapper: WeightsMapper, *,
-            skip: Sequence[str] = ()) -> LoadAccount:
+            skip: Sequence[str] = (), consumers: Sequence[TensorConsumer] = ()) -> LoadAccount:
     """:func:`load_weights`' bookkeeping over checkpoint names and shapes alone (``check``: header-only
     tensors, no data), against a module whose parameters have the checkpoint's shapes. Raises only what the
-    mapper raises (a transformers 5 conversion the backend cannot apply)."""
-    return _account(module, shapes, mapper, skip, dry_run=True)
+    mapper raises (a transformers 5 conversion the backend cannot apply) and what a consumer raises (an expert
+    tensor of the wrong shape, or one that comes twice)."""
+    return _account(module, shapes, mapper, skip, consumers, dry_run=True)

@@ -33,7 +33,7 @@ from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.sequence import IntermediateTensors
 
-from . import compat, devices, fusion, hf_model as hf, kernels, lora, pipeline, quantization, sliding_window
+from . import compat, devices, fusion, hf_model as hf, kernels, lora, moe, pipeline, quantization, sliding_window
 from ._logging import get_logger, preview
 from .attention import AttentionContext, EncoderOnlyAttention, attention_context, register_attention_function
 from .config import BackendConfig, current_backend_config
@@ -128,6 +128,7 @@ class Base(nn.Module):
             kernels.check_paged_attention_head_size(self.device, self.bundle.model_config.get_head_size())
         self._setup_pipeline(hf_model)
         self._tp_plan_map = collect_tp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
+        self.moe = self._prepare_moe()
         self._replace_modules()
         head_size = self.bundle.model_config.get_head_size()
         self.speed_passes: List[PassReport] = run_speed_passes(Build(
@@ -148,6 +149,15 @@ class Base(nn.Module):
                     head_size)
 
     # --- construction -----------------------------------------------------------------------------
+
+    def _prepare_moe(self) -> moe.MoEPlan:
+        """Mixture-of-experts blocks: FusedMoE where it runs, HF's expert code elsewhere (:mod:`.moe`)."""
+        try:
+            return moe.prepare_moe(self.model, tp_size=self.tp_size, device=self.device, params_dtype=self.dtype,
+                                   quantized=self.quant_config is not None,
+                                   enforce_eager=bool(getattr(self.bundle.model_config, "enforce_eager", False)))
+        except moe.MoEError as exc:
+            raise BackendError(f"{self.hf_model_class.__name__}: {exc}") from exc
 
     def _detect_encoder(self) -> bool:
         """An encoder, as upstream decides it (:func:`.hf_model.model_kind`)."""
@@ -185,7 +195,8 @@ class Base(nn.Module):
                 "tensor_parallel_size=1."
             )
         if plan:
-            kept = plan.check_unreplaced(self.model, hf.is_linear, self.model.get_input_embeddings())
+            kept = plan.check_unreplaced(self.model, lambda m: hf.is_linear(m) or self.moe.handles(m),
+                                         self.model.get_input_embeddings())
             if kept:
                 logger.info("tp_plan styles of %d non-linear module(s)/tensor(s) are not sharded (kept whole on "
                             "every rank, same result): %s", len(kept), preview(kept, 6))
@@ -456,7 +467,9 @@ class Base(nn.Module):
         mapper = self.weights_mapper()
         if self._pp_missing_prefixes:
             weights = self._pipeline_local_weights(weights, mapper)
-        loaded = load_weights(self, weights, mapper, skip=self.skipped_weights(self.config))
+        # Expert tensors of either layout (unquantized: a quantized checkpoint's experts load by name, as HF's)
+        consumers = [self.moe.weight_consumer(self, mapper)] if self.moe and self.quant_config is None else []
+        loaded = load_weights(self, weights, mapper, skip=self.skipped_weights(self.config), consumers=consumers)
         quantization.finish_attention_loading(self.attention_instances.values())
         return loaded
 

@@ -157,3 +157,19 @@ def has_vllm_cpu_kernels(device: torch.device) -> bool:
     from vllm.utils import is_cpu
 
     return torch.device(device).type == "cpu" and is_cpu()
+
+
+def has_fused_moe_kernel(device: torch.device) -> bool:
+    """Whether vLLM 0.6.2's fused mixture-of-experts kernel (Triton, CUDA only; its CPU path raises) runs on
+    this device."""
+    if torch.device(device).type != "cuda":
+        return False
+    from vllm.triton_utils import HAS_TRITON
+
+    return bool(HAS_TRITON)
+
+
+def captures_graphs(device: torch.device) -> bool:
+    """Whether vLLM captures CUDA graphs on this device unless ``enforce_eager`` (its CPU and other
+    executors always run eagerly)."""
+    return torch.device(device).type == "cuda"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -86,20 +86,25 @@ class PackedTarget:
 
 
 class LinearsTarget:
-    """Per-expert linears ``<prefix>.<e>.<name>.weight`` (vLLM linears, whose loaders shard by their style)."""
+    """Per-expert linears ``<prefix>.<e>.<name>.weight``, found as the weights mapper finds any checkpoint name
+    (a fused gate/up pair loads as a shard of its ``gate_up_proj``); vLLM's loaders shard by their style."""
 
-    def __init__(self, params: Dict[str, torch.nn.Parameter], prefix: str, names: Tuple[str, str, str]) -> None:
-        self.params, self.prefix = params, prefix
+    def __init__(self, params: Dict[str, torch.nn.Parameter], prefix: str, names: Tuple[str, str, str],
+                 locate: Callable[[str, Dict[str, torch.nn.Parameter]], Tuple[Optional[str], Any]]) -> None:
+        self.params, self.prefix, self.locate = params, prefix, locate
         self.names = dict(zip(PIECES, names))
 
     def put(self, expert: int, piece: str, tensor: torch.Tensor) -> None:
         name = f"{self.prefix}.{expert}.{self.names[piece]}.weight"
-        param = self.params[name]
+        target, shard = self.locate(name, self.params)
+        if target is None:
+            raise WeightsLoadingError(f"{name}: no parameter of the model holds it")
+        param = self.params[target]
         loader: Callable = getattr(param, "weight_loader", None) or _copy_into
-        loader(param, tensor)
-
-    def parameter_names(self, num_experts: int) -> List[str]:
-        return [f"{self.prefix}.{e}.{name}.weight" for e in range(num_experts) for name in self.names.values()]
+        if shard is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard.shard_id)
 
 
 def _copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:

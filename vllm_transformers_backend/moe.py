@@ -1,0 +1,321 @@
+"""Mixture-of-experts blocks: found by their structure, run by HF's code or by one vLLM ``FusedMoE`` each.
+
+A block is a module holding a router and gated experts of one of transformers' two forms:
+
+* **per-expert modules** (transformers 4.x): an ``nn.ModuleList`` of same-class modules, each with linears
+  ``gate_proj``/``up_proj``/``down_proj`` (or Mixtral's ``w1``/``w3``/``w2``); the block's forward routes and
+  loops over them itself;
+* **packed experts** (transformers 5): one module with 3-D ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj``
+  ``[E, H, I]``, called by the block as ``experts(hidden_states, top_k_index, top_k_weights)`` after its own
+  router module chose them;
+
+and a router: a linear or a module with a ``weight`` of ``[E, H]``. Names of model classes play no part.
+
+Each block takes one of two paths (:func:`plan_blocks`):
+
+* **fused** (where vLLM's fused MoE kernel runs: CUDA): the experts become one :class:`.moe_layers.HFFusedMoE`
+  fed with the HF router's top-k ids and weights. transformers 5 blocks keep their forward and router
+  untouched; a 4.x block gets its routing written out (:func:`.moe_layers.routed_block_forward`), which a CPU
+  probe has matched against the block's own forward first (:mod:`.moe_probe`). Tensor parallelism splits
+  every expert's intermediate size (``FusedMoE``), one all-reduce per block.
+* **hf** (the CPU engine and other devices, quantized models, ``VLLM_TRANSFORMERS_BACKEND_MOE=hf``, or a block
+  the probe did not qualify): HF's own expert code. Per-expert linears become vLLM linears by the ``tp_plan``
+  as any linear; packed experts at TP > 1 keep each rank's slice of the intermediate size and add the ranks'
+  partial sums (:func:`.moe_layers.shard_packed_experts`).
+
+``VLLM_TRANSFORMERS_BACKEND_MOE``: ``auto`` (default), ``hf``, or ``fused`` (the fused layout everywhere; where
+the kernel does not run, its arithmetic in PyTorch: how the CPU tests run the GPU path). Checkpoints of either
+expert layout load into either path (:mod:`.moe_weights`).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import devices
+from ._logging import get_logger
+from .moe_weights import (PER_EXPERT_TRIPLES, ExpertSlots, ExpertsShape, ExpertTensors, LinearsTarget,
+                          PackedTarget, block_aliases)
+
+logger = get_logger(__name__)
+
+MOE_ENV = "VLLM_TRANSFORMERS_BACKEND_MOE"
+MOE_MODES = ("auto", "hf", "fused")
+#: Children that hold a block's shared expert and its gate (Qwen2-MoE; DeepSeek-style ``shared_experts``).
+_SHARED_NAMES = ("shared_expert", "shared_experts")
+_SHARED_GATE_NAMES = ("shared_expert_gate",)
+
+
+class MoEError(ValueError):
+    """A mixture-of-experts block cannot run as configured (the message says why and what to do)."""
+
+
+def moe_mode() -> str:
+    mode = os.environ.get(MOE_ENV, "auto").strip().lower() or "auto"
+    if mode not in MOE_MODES:
+        raise MoEError(f"{MOE_ENV}={mode!r}: expected one of {', '.join(MOE_MODES)}")
+    return mode
+
+
+# --- finding blocks ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    kind: str  # "per-expert" | "packed"
+    shape: ExpertsShape
+    names: Tuple[str, str, str]  # per-expert: the (gate, up, down) linears of each expert
+    class_name: str  # the packed module's class, or one expert's
+
+
+def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
+    """The layout of ``module`` if it holds gated experts of a form the backend knows, else None."""
+    if isinstance(module, nn.ModuleList):
+        if not len(module) or len({type(m) for m in module}) != 1:
+            return None
+        first = module[0]
+        for names in PER_EXPERT_TRIPLES:
+            gate, up, down = (first._modules.get(n) for n in names)
+            if not all(isinstance(m, nn.Linear) and m.bias is None for m in (gate, up, down)):
+                continue
+            hidden, inter = gate.in_features, gate.out_features
+            if (up.in_features, up.out_features) == (hidden, inter) and (down.in_features, down.out_features) == (inter, hidden):
+                return ExpertsLayout("per-expert", ExpertsShape(len(module), hidden, inter), names, type(first).__name__)
+        return None
+    gate_up, down = module._parameters.get("gate_up_proj"), module._parameters.get("down_proj")
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3):
+        return None
+    # transformers 5 flags other packings on the experts class (use_experts_implementation)
+    if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False) or \
+            not getattr(module, "is_concatenated", True) or "gate_up_proj_bias" in module._parameters:
+        return None
+    experts, hidden, inter = down.shape
+    if tuple(gate_up.shape) != (experts, 2 * inter, hidden):
+        return None
+    return ExpertsLayout("packed", ExpertsShape(experts, hidden, inter), ("gate_up_proj", "", "down_proj"),
+                         type(module).__name__)
+
+
+@dataclass
+class MoEBlock:
+    qualname: str  # relative to the body
+    module: nn.Module
+    experts_attr: str
+    layout: ExpertsLayout
+    router_attr: str
+    top_k: Optional[int]
+    router_hands_choices: bool  # transformers 5: the block calls experts(hidden, top_k_index, top_k_weights)
+    shared_attr: Optional[str] = None
+    shared_gate_attr: Optional[str] = None
+
+    @property
+    def experts_qualname(self) -> str:
+        return f"{self.qualname}.{self.experts_attr}" if self.qualname else self.experts_attr
+
+
+def _router_of(block: nn.Module, experts_attr: str, shape: ExpertsShape) -> Optional[str]:
+    for name, child in block._modules.items():
+        if name == experts_attr or child is None:
+            continue
+        weight = child._parameters.get("weight") if isinstance(child, nn.Module) else None
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (shape.num_experts, shape.hidden_size):
+            return name
+    return None
+
+
+def _takes_routing(experts: nn.Module) -> bool:
+    try:
+        params = [p for p in inspect.signature(type(experts).forward).parameters.values()][1:]
+    except (TypeError, ValueError):
+        return False
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3
+
+
+def find_moe_blocks(body: nn.Module) -> List[MoEBlock]:
+    """Every block of ``body`` with gated experts and a router of matching size."""
+    blocks: List[MoEBlock] = []
+    for qualname, module in body.named_modules():
+        for attr, child in module._modules.items():
+            layout = experts_layout(child) if child is not None else None
+            if layout is None:
+                continue
+            router = _router_of(module, attr, layout.shape)
+            if router is None:
+                continue
+            top_k = next((v for v in (getattr(module, "top_k", None), getattr(module._modules[router], "top_k", None))
+                          if isinstance(v, int) and 0 < v <= layout.shape.num_experts), None)
+            shared = next((n for n in _SHARED_NAMES if isinstance(module._modules.get(n), nn.Module)), None)
+            gate = next((n for n in _SHARED_GATE_NAMES if isinstance(module._modules.get(n), nn.Linear)
+                         and module._modules[n].out_features == 1), None) if shared else None
+            blocks.append(MoEBlock(qualname, module, attr, layout, router, top_k,
+                                   layout.kind == "packed" and _takes_routing(child), shared, gate))
+    return blocks
+
+
+# --- choosing a path --------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockPlan:
+    block: MoEBlock
+    path: str  # "fused" | "hf"
+    reason: str
+    routing: Optional[object] = None  # RoutingSpec of a 4.x block on the fused path
+
+
+def qualify_for_fused(block: MoEBlock, verdicts: Optional[Dict[tuple, tuple]] = None) -> Tuple[Optional[object], Optional[str]]:
+    """``(routing spec or None, problem or None)``: whether vLLM's FusedMoE can compute ``block`` with HF's
+    routing (probed once per block class and routing shape; ``verdicts`` caches)."""
+    from .moe_probe import probe_expert_module, probe_inline_routing, probe_packed_experts
+
+    experts = block.module._modules[block.experts_attr]
+    key = (type(block.module), type(experts), block.layout.kind, block.layout.shape.num_experts, block.top_k,
+           block.shared_attr, block.shared_gate_attr)
+    if verdicts is not None and key in verdicts:
+        return verdicts[key]
+    if block.layout.kind == "packed":
+        if not block.router_hands_choices:
+            verdict: tuple = (None, f"{block.layout.class_name}.forward does not take (hidden_states, top_k_index, "
+                                    "top_k_weights)")
+        else:
+            verdict = (None, probe_packed_experts(experts, block.layout.shape.num_experts, block.top_k))
+    elif block.top_k is None:
+        verdict = (None, f"{type(block.module).__name__} has no top_k attribute")
+    else:
+        problem = probe_expert_module(experts[0], block.layout.names)
+        verdict = (None, problem) if problem else probe_inline_routing(
+            block.module, block.router_attr, block.experts_attr, block.layout.shape.num_experts,
+            block.layout.shape.hidden_size, block.top_k, block.shared_attr, block.shared_gate_attr)
+    if verdicts is not None:
+        verdicts[key] = verdict
+    return verdict
+
+
+def plan_blocks(blocks: List[MoEBlock], *, mode: str, has_kernel: bool, quantized: bool) -> List[BlockPlan]:
+    plans: List[BlockPlan] = []
+    verdicts: Dict[tuple, tuple] = {}
+    for block in blocks:
+        if mode == "hf":
+            plans.append(BlockPlan(block, "hf", f"{MOE_ENV}=hf"))
+        elif quantized:
+            plans.append(BlockPlan(block, "hf", "quantized model: the backend's FusedMoE path loads unquantized "
+                                                "experts only"))
+        elif mode == "auto" and not has_kernel:
+            plans.append(BlockPlan(block, "hf", "vLLM's fused MoE kernel does not run on this device"))
+        else:
+            spec, problem = qualify_for_fused(block, verdicts)
+            if problem:
+                plans.append(BlockPlan(block, "hf", problem))
+            else:
+                plans.append(BlockPlan(block, "fused", routing_description(block, spec), spec))
+    return plans
+
+
+def routing_description(block: MoEBlock, spec: Optional[object]) -> str:
+    router = type(block.module._modules[block.router_attr]).__name__
+    if spec is None:
+        return f"HF's router ({router}) hands the experts its top-{block.top_k or 'k'} ids and weights"
+    return f"{type(block.module).__name__}'s routing ({spec.describe()}) matched its forward on a CPU probe"
+
+
+# --- installing -------------------------------------------------------------------------------------
+
+
+class MoEPlan:
+    """The blocks of a backend model and their paths; installs them and loads their experts."""
+
+    def __init__(self, plans: List[BlockPlan], tp_size: int) -> None:
+        self.plans = plans
+        self.tp_size = tp_size
+        self._handled: Dict[int, BlockPlan] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.plans)
+
+    def handles(self, module: nn.Module) -> bool:
+        """Whether ``module`` is an experts module this plan runs (its tp_plan styles are honoured here)."""
+        return id(module) in self._handled
+
+    def install(self, *, params_dtype: torch.dtype, use_kernel: bool, prefix: str = "model") -> None:
+        from .moe_layers import HFFusedMoE, install_routed_forward, shard_packed_experts
+
+        for plan in self.plans:
+            block = plan.block
+            shape = block.layout.shape
+            if (plan.path == "fused" or block.layout.kind == "packed") and shape.intermediate_size % self.tp_size:
+                raise MoEError(f"{prefix}.{block.experts_qualname}: the experts' intermediate size "
+                               f"{shape.intermediate_size} is not divisible by tensor_parallel_size={self.tp_size}")
+            if plan.path == "fused":
+                layer = HFFusedMoE(shape, block.top_k, self.tp_size, params_dtype,
+                                   f"{prefix}.{block.experts_qualname}", use_kernel)
+                setattr(block.module, block.experts_attr, layer)
+                if plan.routing is not None:
+                    install_routed_forward(block.module, plan.routing)
+            elif block.layout.kind == "packed" and self.tp_size > 1:
+                shard_packed_experts(block.module._modules[block.experts_attr], self.tp_size)
+            self._handled[id(block.module._modules[block.experts_attr])] = plan
+
+    def weight_consumer(self, model: nn.Module, mapper: Optional[object] = None,
+                        prefix: str = "model") -> ExpertTensors:
+        """Where each block's expert tensors go in ``model`` (the backend model; its body under ``prefix``);
+        ``mapper`` (the backend's weights mapper) finds per-expert linears that fusion merged."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank = get_tensor_model_parallel_rank() if self.tp_size > 1 else 0
+        params = dict(model.named_parameters(remove_duplicate=False))
+        slots, owned = [], []
+        for plan in self.plans:
+            name = f"{prefix}.{plan.block.experts_qualname}"
+            experts = plan.block.module._modules[plan.block.experts_attr]
+            if plan.path == "fused":
+                target = PackedTarget(experts.w13_weight, experts.w2_weight, rank)
+            elif plan.block.layout.kind == "packed":
+                target = PackedTarget(experts.gate_up_proj, experts.down_proj, rank)
+            else:
+                target = LinearsTarget(params, name, plan.block.layout.names, _locator(mapper))
+            slots.append(ExpertSlots(name, plan.block.layout.shape, target, block_aliases(name)))
+            owned += [n for n in params if n.startswith(name + ".")]
+        return ExpertTensors(slots, owned)
+
+    def describe(self) -> List[str]:
+        lines = []
+        for path in ("fused", "hf"):
+            chosen = [p for p in self.plans if p.path == path]
+            if chosen:
+                reasons = sorted({p.reason for p in chosen})
+                lines.append(f"{len(chosen)} MoE block(s) on the {path} path ({'; '.join(reasons)})")
+        return lines
+
+
+def _locator(mapper: Optional[object]):
+    if mapper is not None:
+        return mapper.locate
+    return lambda name, params: (name if name in params else None, None)
+
+
+def prepare_moe(body: nn.Module, *, tp_size: int, device: torch.device, params_dtype: torch.dtype,
+                quantized: bool, enforce_eager: bool, prefix: str = "model") -> MoEPlan:
+    """Finds ``body``'s MoE blocks, chooses each one's path and installs it (before the backend swaps linears:
+    experts handed to FusedMoE never become per-expert vLLM linears)."""
+    blocks = find_moe_blocks(body)
+    if not blocks:
+        return MoEPlan([], tp_size)
+    has_kernel = devices.has_fused_moe_kernel(device)
+    plans = plan_blocks(blocks, mode=moe_mode(), has_kernel=has_kernel, quantized=quantized)
+    hf_loops = [p for p in plans if p.path == "hf"]
+    if hf_loops and devices.captures_graphs(device) and not enforce_eager:
+        first = hf_loops[0]
+        raise MoEError(
+            f"{len(hf_loops)} MoE block(s) run HF's expert loop ({prefix}.{first.block.qualname}: {first.reason}). "
+            "That loop asks the device which experts were chosen, which CUDA-graph capture cannot record: run with "
+            f"enforce_eager=True (--enforce-eager), or let the block use vLLM's FusedMoE ({MOE_ENV}=auto).")
+    plan = MoEPlan(plans, tp_size)
+    plan.install(params_dtype=params_dtype, use_kernel=has_kernel)
+    for line in plan.describe():
+        logger.info("%s", line)
+    return plan

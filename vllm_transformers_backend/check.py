@@ -51,6 +51,7 @@ class Report:
     findings: List[Finding] = field(default_factory=list)
     attention_modules: List[Dict[str, Any]] = field(default_factory=list)
     linears: List[Dict[str, Any]] = field(default_factory=list)
+    moe_blocks: List[Dict[str, Any]] = field(default_factory=list)
     checkpoint: Dict[str, Any] = field(default_factory=dict)
 
     def add(self, check: str, status: str, detail: str, items: Optional[List[str]] = None) -> Finding:
@@ -143,7 +144,8 @@ def _check(report: Report, path: Path, tp: int, pp: int, trust_remote_code: bool
                              kind.kind)
     wrapper = (TransformersForSequenceClassification if report.sequence_head
                else TransformersForEmbedding if kind.kind == "encoder" else TransformersForCausalLM)
-    _check_checkpoint(report, path, wrapper, hf_model, body, prefix, config, quantized)
+    blocks = _check_moe(report, body, tp, quantized)
+    _check_checkpoint(report, path, wrapper, hf_model, body, prefix, config, quantized, blocks)
 
 
 # --- config, quantization, build --------------------------------------------------------------------
@@ -523,6 +525,56 @@ def _check_pipeline_parallel(report: Report, body: Any, plan: Dict[str, Any], te
         report.add("pipeline parallel", OK, f"pp_plan ({', '.join(plan)}); {num_layers // pp} layers per stage")
 
 
+# --- mixture of experts -------------------------------------------------------------------------------
+
+
+def _check_moe(report: Report, body: Any, tp: int, quantized: bool) -> List[Any]:
+    """Which path each mixture-of-experts block takes (:mod:`.moe`) and why; its experts at ``tp``."""
+    from .moe import MOE_ENV, find_moe_blocks, qualify_for_fused, routing_description
+
+    blocks = find_moe_blocks(body)
+    if not blocks:
+        return []
+    groups: Dict[tuple, List[Any]] = {}
+    for block in blocks:
+        shape = block.layout.shape
+        key = (type(block.module).__name__, block.layout.kind, block.layout.class_name, shape.num_experts,
+               shape.intermediate_size, block.top_k, block.shared_attr, block.shared_gate_attr)
+        groups.setdefault(key, []).append(block)
+    rows, problems, verdicts = [], [], {}
+    for (cls, kind, experts_cls, num, inter, top_k, shared, gate), members in groups.items():
+        spec, problem = qualify_for_fused(members[0], verdicts)
+        shared_text = f", {'gated ' if gate else ''}shared expert" if shared else ""
+        routing = problem or routing_description(members[0], spec)
+        rows.append(f"{cls} x{len(members)}: {num} experts ({kind}, {experts_cls}), top-{top_k or '?'}, "
+                    f"intermediate {inter}{shared_text}; {'HF loop: ' if problem else 'FusedMoE: '}{routing}")
+        report.moe_blocks.append({"class": cls, "blocks": [b.qualname for b in members], "layout": kind,
+                                  "experts_class": experts_cls, "num_experts": num, "intermediate_size": inter,
+                                  "top_k": top_k, "shared_expert": shared, "shared_expert_gate": gate,
+                                  "fused": problem is None and not quantized, "routing": routing})
+        if problem:
+            problems.append(f"{cls}: {problem}")
+    indivisible = sorted({b.layout.shape.intermediate_size for b in blocks if b.layout.shape.intermediate_size % tp})
+    if indivisible:
+        report.add("mixture of experts", ERROR, f"experts' intermediate size {indivisible[0]} is not divisible by "
+                   f"TP={tp} (tensor parallelism splits every expert's intermediate size)", rows)
+        return blocks
+    sharding = f"; at TP={tp} each rank holds 1/{tp} of every expert's intermediate size" if tp > 1 else ""
+    if sharding and any(b.layout.kind == "per-expert" for b in blocks):
+        sharding += " (FusedMoE; where HF's code runs, its per-expert linears follow the tp_plan)"
+    if quantized:
+        report.add("mixture of experts", WARN, f"{len(blocks)} MoE blocks run HF's expert code: the FusedMoE path "
+                   "loads unquantized experts only (on CUDA that loop needs enforce_eager=True)" + sharding, rows)
+    elif problems:
+        report.add("mixture of experts", WARN, f"{len(blocks)} MoE blocks; HF's expert loop runs everywhere for "
+                   f"{'; '.join(problems)} (on CUDA that loop needs enforce_eager=True)" + sharding, rows)
+    else:
+        report.add("mixture of experts", OK, f"{len(blocks)} MoE blocks: on CUDA one vLLM FusedMoE per block fed "
+                   "with HF's routing; on the CPU engine and other devices HF's expert code "
+                   f"({MOE_ENV}=hf keeps HF's code everywhere)" + sharding, rows)
+    return blocks
+
+
 # --- checkpoint keys ----------------------------------------------------------------------------------
 
 
@@ -556,9 +608,11 @@ def checkpoint_tensors(path: Path) -> Tuple[str, Optional[Dict[str, Optional[Tup
 
 
 def _check_checkpoint(report: Report, path: Path, wrapper: Any, hf_model: Any, body: Any, prefix: str, config: Any,
-                      quantized: bool) -> None:
+                      quantized: bool, moe_blocks: List[Any]) -> None:
     """The backend's loader in a dry run over the checkpoint's headers: the wrapper's own mapper, parameter
-    names and skipped names, against the HF model's (unsharded, unfused) parameters on meta."""
+    names and skipped names, against the HF model's (unsharded, unfused) parameters on meta; expert tensors through the
+    backend's expert loader (either checkpoint layout into the model's), shapes only."""
+    from .moe import expert_tensors
     from .weights import WeightsLoadingError, dry_run
 
     fmt, tensors = checkpoint_tensors(path)
@@ -578,8 +632,9 @@ def _check_checkpoint(report: Report, path: Path, wrapper: Any, hf_model: Any, b
     target = wrapper.checkpoint_target(hf_model, body)
     mapper = wrapper.checkpoint_mapper(hf_model, prefix, body)
     skip = wrapper.skipped_weights(config)
+    experts = expert_tensors(target, moe_blocks)
     try:
-        account = dry_run(target, sorted(tensors.items()), mapper, skip=skip)
+        account = dry_run(target, sorted(tensors.items()), mapper, skip=skip, consumers=[experts] if experts else [])
     except WeightsLoadingError as exc:
         report.add("checkpoint keys", ERROR, str(exc))
         return
@@ -596,8 +651,11 @@ def _check_checkpoint(report: Report, path: Path, wrapper: Any, hf_model: Any, b
         report.add("checkpoint shapes", ERROR, f"{len(mismatched)} tensors do not fit their parameter", mismatched)
     if not (unmapped or missing or mismatched):
         excused = len(account.excused)
+        layouts = " and ".join(sorted(experts.layouts()))
         report.add("checkpoint keys", OK, f"all {len(tensors) - excused} {fmt} tensors map to the backend's "
-                   f"parameters ({len(account.loaded)} filled{', lm_head tied' if skip else ''})"
+                   f"parameters ({len(account.loaded)} filled{', lm_head tied' if skip else ''}"
+                   + (f"; experts of {len(moe_blocks)} MoE blocks complete, {layouts} in the checkpoint" if moe_blocks
+                      else "") + ")"
                    + (f"; {excused} tensors {wrapper.__name__} does not use (task heads, HF's pooler, keys its "
                       "model class ignores) are skipped" if excused else ""))
 

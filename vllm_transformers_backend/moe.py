@@ -40,7 +40,7 @@ from torch import nn
 from . import devices
 from ._logging import get_logger
 from .moe_weights import (PER_EXPERT_TRIPLES, ExpertSlots, ExpertsShape, ExpertTensors, LinearsTarget,
-                          PackedTarget, block_aliases)
+                          PackedTarget, Target, block_aliases)
 
 logger = get_logger(__name__)
 
@@ -268,19 +268,17 @@ class MoEPlan:
 
         rank = get_tensor_model_parallel_rank() if self.tp_size > 1 else 0
         params = dict(model.named_parameters(remove_duplicate=False))
-        slots, owned = [], []
-        for plan in self.plans:
-            name = f"{prefix}.{plan.block.experts_qualname}"
+
+        def target(plan: BlockPlan) -> Target:
             experts = plan.block.module._modules[plan.block.experts_attr]
             if plan.path == "fused":
-                target = PackedTarget(experts.w13_weight, experts.w2_weight, rank)
-            elif plan.block.layout.kind == "packed":
-                target = PackedTarget(experts.gate_up_proj, experts.down_proj, rank)
-            else:
-                target = LinearsTarget(params, name, plan.block.layout.names, _locator(mapper))
-            slots.append(ExpertSlots(name, plan.block.layout.shape, target, block_aliases(name)))
-            owned += [n for n in params if n.startswith(name + ".")]
-        return ExpertTensors(slots, owned)
+                return PackedTarget(experts.w13_weight, experts.w2_weight, rank)
+            if plan.block.layout.kind == "packed":
+                return PackedTarget(experts.gate_up_proj, experts.down_proj, rank)
+            return LinearsTarget(params, f"{prefix}.{plan.block.experts_qualname}", plan.block.layout.names,
+                                 _locator(mapper))
+
+        return expert_tensors(model, [p.block for p in self.plans], [target(p) for p in self.plans], prefix)
 
     def describe(self) -> List[str]:
         lines = []
@@ -290,6 +288,19 @@ class MoEPlan:
                 reasons = sorted({p.reason for p in chosen})
                 lines.append(f"{len(chosen)} MoE block(s) on the {path} path ({'; '.join(reasons)})")
         return lines
+
+
+def expert_tensors(model: nn.Module, blocks: List[MoEBlock], targets: Optional[List[Target]] = None,
+                   prefix: str = "model") -> ExpertTensors:
+    """The loader's consumer of ``blocks``' expert tensors in ``model`` (its body under ``prefix``): each piece
+    goes to its block's target, or, without targets (``check``'s dry run), is only checked."""
+    params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    slots, owned = [], []
+    for i, block in enumerate(blocks):
+        name = f"{prefix}.{block.experts_qualname}"
+        slots.append(ExpertSlots(name, block.layout.shape, targets[i] if targets else None, block_aliases(name)))
+        owned += [n for n in params if n.startswith(name + ".")]
+    return ExpertTensors(slots, owned)
 
 
 def _locator(mapper: Optional[object]):

@@ -89,8 +89,99 @@ ARCHITECTURES: Dict[str, tuple] = {
     "opt": (lambda: _cfg("OPTConfig", word_embed_proj_dim=128, ffn_dim=256), True),
 }
 
+#: Mixture-of-experts decoders (tests/test_moe.py; kept out of ARCHITECTURES: vLLM 0.6.2's native MoE models
+#: cannot run on the CPU, and their suite has its own shapes). Shape keywords: experts, top_k, norm (the
+#: ``norm_topk_prob`` flag; Mixtral always renormalises), inter (the experts' intermediate size).
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def moe_config(name: str, experts: int = 4, top_k: int = 2, norm: bool = False, inter: int = 64,
+               layers: int = 2, **overrides: Any):
+    """A tiny MoE config (head size 64, one KV head) of architecture ``name``."""
+    base = dict(vocab_size=512, hidden_size=128, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=64, max_position_embeddings=512, num_experts_per_tok=top_k)
+    if name == "mixtral":
+        return _cfg("MixtralConfig", **{**base, "intermediate_size": inter, "num_local_experts": experts,
+                                        "sliding_window": None, **overrides})
+    routed = dict(num_experts=experts, norm_topk_prob=norm)
+    if name == "olmoe":
+        return _cfg("OlmoeConfig", **{**base, **routed, "intermediate_size": inter, **overrides})
+    cls = {"qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig"}[name]
+    extra = dict(shared_expert_intermediate_size=96) if name == "qwen2_moe" else {}
+    return _cfg(cls, **{**base, **routed, **extra, "intermediate_size": 96, "moe_intermediate_size": inter,
+                        **overrides})
+
+
+def build_moe_checkpoint(name: str, path: Path, seed: int = 0, packed: bool = False, **shape: Any) -> Path:
+    """Saves a tiny random MoE model (float32 safetensors) to ``path``: per-expert tensors as every release's
+    ``save_pretrained`` writes them; ``packed``: transformers 5's packed ``experts.gate_up_proj``/``down_proj``
+    (``save_original_format=False``; on 4.x stacked here from the per-expert tensors)."""
+    import transformers
+
+    config = moe_config(name, **shape)
+    config.initializer_range = 0.1  # peaked logits: greedy ties between implementations are unlikely
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if packed and transformers_version().major >= 5:
+        model.save_pretrained(path, safe_serialization=True, save_original_format=False)
+        return path
+    model.save_pretrained(path, safe_serialization=True)
+    if packed:
+        pack_expert_tensors(path)
+    return path
+
+
+def pack_expert_tensors(path: Path) -> None:
+    """Rewrites a per-expert checkpoint in transformers 5's packed layout (test-side: stacks the tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    save_file(packed_experts(load_file(file)), file, metadata={"format": "pt"})
+
+
+def packed_experts(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``tensors`` with per-expert MoE tensors stacked into transformers 5's ``experts.gate_up_proj`` ``[E, 2I, H]``
+    (each expert's gate rows, then its up rows) and ``experts.down_proj`` ``[E, H, I]`` (Mixtral's 4.x block
+    ``block_sparse_moe`` named ``mlp`` as in 5.x)."""
+    import re
+
+    out, groups = {}, {}
+    for key, value in tensors.items():
+        found = re.match(r"(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$", key)
+        if found:
+            groups.setdefault(found[1], {}).setdefault(found[3], {})[int(found[2])] = value
+        else:
+            out[key] = value
+    for prefix, parts in groups.items():
+        gate, up, down = ("w1", "w3", "w2") if "w1" in parts else ("gate_proj", "up_proj", "down_proj")
+        stack = lambda name: torch.stack([parts[name][e] for e in range(len(parts[name]))])  # noqa: E731
+        prefix = prefix.replace(".block_sparse_moe.", ".mlp.")
+        out[f"{prefix}.gate_up_proj"] = torch.cat([stack(gate), stack(up)], dim=1).contiguous()
+        out[f"{prefix}.down_proj"] = stack(down).contiguous()
+    return out
+
+
+def per_expert_tensors(tensors: Dict[str, torch.Tensor], names=("gate_proj", "up_proj", "down_proj")
+                       ) -> Dict[str, torch.Tensor]:
+    """``tensors`` with transformers 5's packed experts cut into per-expert ``<experts>.<e>.<name>.weight``."""
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(".experts.gate_up_proj"):
+            prefix, inter = key[:-len(".gate_up_proj")], value.shape[1] // 2
+            for e in range(value.shape[0]):
+                out[f"{prefix}.{e}.{names[0]}.weight"] = value[e, :inter].clone()
+                out[f"{prefix}.{e}.{names[1]}.weight"] = value[e, inter:].clone()
+        elif key.endswith(".experts.down_proj"):
+            prefix = key[:-len(".down_proj")]
+            for e in range(value.shape[0]):
+                out[f"{prefix}.{e}.{names[2]}.weight"] = value[e].clone()
+        else:
+            out[key] = value
+    return out
+
+
 #: The first transformers release that has the architecture at all.
-INTRODUCED_IN = {"gemma3": "4.50.0", "qwen3": "4.51.0"}
+INTRODUCED_IN = {"gemma3": "4.50.0", "qwen3": "4.51.0", "qwen3_moe": "4.51.0"}
 #: INTERFACE_SINCE (imported above): the first release whose implementation of a model type sends attention
 #: through ALL_ATTENTION_FUNCTIONS; before it the backend must refuse the model with a clear error.
 

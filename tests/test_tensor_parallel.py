@@ -70,9 +70,10 @@ def test_tp2_matches_tp1_and_hf(checkpoints, monkeypatch, spawned_workers, name,
     assert tp2 == tp1
 
 
-def _greedy(path, **engine_args):
-    """Greedy tokens of one engine; vLLM's process-global state and worker processes are gone afterwards,
-    also when the engine fails to start (a failed start must not break the tests after it)."""
+def _greedy(path, prompts=PROMPTS, max_tokens=MAX_TOKENS, inspect=None, **engine_args):
+    """Greedy tokens of one engine (``inspect(llm)`` first, if given); vLLM's process-global state and worker
+    processes are gone afterwards, also when the engine fails to start (a failed start must not break the tests
+    after it)."""
     import multiprocessing
 
     from tests.helpers import cleanup_engine
@@ -82,7 +83,9 @@ def _greedy(path, **engine_args):
     try:
         with Engine(path, "transformers", **engine_args) as llm:
             started = True
-            tokens = vllm_greedy(llm, PROMPTS, MAX_TOKENS)
+            if inspect is not None:
+                inspect(llm)
+            tokens = vllm_greedy(llm, prompts, max_tokens)
             del llm  # Engine.__exit__ then drops the last reference: the executor stops its workers
         return tokens
     finally:

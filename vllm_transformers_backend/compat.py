@@ -36,6 +36,9 @@ INTERFACE_SINCE: Dict[str, str] = {
     "esm": "4.56.0",
     **{model_type: "5.0.0" for model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert",
                                               "albert", "data2vec-text", "ernie")},
+    # mixture-of-experts decoders whose 4.x code (4.57.6 included) looks attention classes up by name
+    "qwen2_moe": "5.0.0",
+    "olmoe": "5.0.0",
 }
 
 

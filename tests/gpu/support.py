@@ -32,7 +32,7 @@ class EngineRun:
     parameter_devices: Set[str]
     loaded_bytes: Optional[int]  # vLLM's "Loading model weights took" (device memory delta), GPU runner only
     norm_classes: Set[str]  # classes of the modules named ``*norm``
-    speed_paths: Set[str]  # the backend's replacements that engaged: "residual", "act_and_mul", "rotary"
+    speed_paths: Set[str]  # the backend's replacements that engaged: "residual", "act_and_mul", "rotary", "fused_moe"
     quantization: Optional[str] = None  # the method vLLM resolved (``gptq_marlin`` for a GPTQ checkpoint, ...)
     quant_methods: Set[str] = field(default_factory=set)  # classes of the layers' quantization methods
     lora_layers: Set[str] = field(default_factory=set)  # classes of the LoRA layers vLLM's manager installed
@@ -53,6 +53,7 @@ def parameter_bytes(model: torch.nn.Module) -> Tuple[int, Set[str]]:
 
 
 def speed_paths(model: torch.nn.Module) -> Set[str]:
+    from vllm_transformers_backend.moe_layers import HFFusedMoE
     from vllm_transformers_backend.residual import is_fused
 
     modules = list(model.modules())
@@ -61,6 +62,11 @@ def speed_paths(model: torch.nn.Module) -> Set[str]:
         paths.add("act_and_mul")
     if getattr(model, "fused_rotary", False):
         paths.add("rotary")
+    moe = getattr(model, "moe", None)
+    # every MoE block's experts on vLLM's kernel (not its PyTorch stand-in)
+    if moe and all(isinstance(p.block.module._modules[p.block.experts_attr], HFFusedMoE)
+                   and p.block.module._modules[p.block.experts_attr].uses_kernel for p in moe.plans):
+        paths.add("fused_moe")
     return paths
 
 

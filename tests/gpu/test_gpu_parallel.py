@@ -1,7 +1,8 @@
 """On two CUDA GPUs (bf16): tensor parallel (TP=2) and pipeline parallel (PP=2) through the backend stay
 close to TP=1 (vLLM's ``check_logprobs_close`` rule: at the first differing token each side's token is in
 the other's top-5), for a GQA Llama (KV heads = ranks) and a Qwen2 with one KV head (replicated over the
-ranks), tied embeddings and q/k/v biases.
+ranks), tied embeddings and q/k/v biases, and a Mixtral whose experts run as vLLM's FusedMoE split over the
+ranks.
 
 Each engine runs in its own Python process: a TP=2 engine makes this process its rank-0 worker (NCCL
 communicator, CUDA context), and vLLM 0.6.2 runs pipeline parallelism only through ``AsyncLLMEngine``
@@ -89,6 +90,9 @@ def _build(name: str, path: Path) -> Path:
                   num_attention_heads=8, max_position_embeddings=2048, initializer_range=0.05)
     if name == "llama":  # GQA: 2 KV heads, one per rank at TP=2; untied
         config = transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    elif name == "mixtral":  # mixture of experts: FusedMoE splits every expert's intermediate size over the ranks
+        config = transformers.MixtralConfig(num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                                            sliding_window=None, **common)
     else:  # one KV head replicated over both ranks; q/k/v biases; tied embeddings
         config = transformers.Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **common)
     torch.manual_seed(0)
@@ -142,7 +146,9 @@ CASES = [("llama", 2, 1, True, "mp"), ("llama", 1, 2, True, "mp"), ("qwen2", 2, 
          # CUDA graphs capture the pipeline hand-over (hooks, intermediate-tensor buffers) once per batch size
          ("llama", 2, 1, False, "mp"), ("llama", 1, 2, False, "mp"),
          # rank 1 as a Ray actor
-         ("llama", 2, 1, True, "ray")]
+         ("llama", 2, 1, True, "ray"),
+         # FusedMoE sharded over the ranks (one all-reduce per block), CUDA graphs on
+         ("mixtral", 2, 1, False, "mp")]
 
 
 @pytest.mark.parametrize("name, tp, pp, enforce_eager, executor", CASES,

@@ -12,7 +12,7 @@ from bench_specs import MODEL_LABELS
 
 SCHEMA = 1
 _IMPL_ORDER = {"vllm": 0, "transformers": 1, "hf": 2}
-_MODEL_ORDER = {"tiny": 0, "1b": 1, "8b": 2}
+_MODEL_ORDER = {"tiny": 0, "1b": 1, "8b": 2, "tiny-moe": 3, "mixtral-moe": 4, "qwen2-moe": 5, "qwen3-moe": 6}
 _WORKLOAD_ORDER = {"decode": 0, "prefill": 1}
 
 
@@ -102,6 +102,46 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
                          + (f" {_ratio(r['vs_tp1'])} |" if with_tp else ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def pairs(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The backend against native vLLM (and against HF generate) within each interleaved round: runs of one
+    invocation and repeat, started one after the other on the same checkpoint and prompts, so the host's drift
+    between rounds cancels out of each ratio. One row per (device, model, workload, mode, TP): each round's ratio
+    and their median."""
+    rounds: Dict[Tuple, Dict[str, float]] = {}
+    for run in runs:
+        mode = None if run["impl"] == "hf" else run["enforce_eager"]
+        key = (run["device_name"], run["model"], run["workload"], run.get("tp", 1), run["invocation"], run["repeat"])
+        rounds.setdefault(key, {})[(run["impl"], mode)] = run["tok_s"]
+    rows: Dict[Tuple, Dict[str, Any]] = {}
+    for (device, model, workload, tp, _, _), tok_s in rounds.items():
+        for (impl, mode), value in tok_s.items():
+            if impl != "transformers":
+                continue
+            for other, label in (("vllm", "native vLLM"), ("hf", "HF generate")):
+                ref = tok_s.get((other, mode)) if other == "vllm" else tok_s.get((other, None))
+                if ref:
+                    row = rows.setdefault((device, model, workload, tp, mode, other), {
+                        "device_name": device, "model": model, "workload": workload, "tp": tp, "label":
+                        f"{impl_label('transformers', mode, tp)} / {label}", "ratios": []})
+                    row["ratios"].append(value / ref)
+    out = list(rows.values())
+    for row in out:
+        row["median"] = statistics.median(row["ratios"])
+    out.sort(key=lambda r: (r["device_name"], _MODEL_ORDER.get(r["model"], 9), _WORKLOAD_ORDER.get(r["workload"], 9),
+                            r["tp"], r["label"]))
+    return out
+
+
+def pair_markdown(rows: List[Dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    lines = ["| model | workload | ratio | per round | median |", "|---|---|---|---|---:|"]
+    for r in rows:
+        lines.append(f"| {MODEL_LABELS.get(r['model'], r['model'])} | {r['workload']} | {r['label']} | "
+                     f"{', '.join(f'{v:.2f}' for v in r['ratios'])} | {r['median']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def _num(value: Optional[float], digits: int) -> str:

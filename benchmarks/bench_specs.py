@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 #: Model shapes (random weights: only speed and memory are measured); Llama unless ARCHITECTURE says otherwise.
 MODELS: Dict[str, Dict[str, Any]] = {
@@ -32,13 +32,43 @@ MODELS: Dict[str, Dict[str, Any]] = {
     "gemma3-tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
                         sliding_window=32, sliding_window_pattern=2, max_position_embeddings=512),
+    # mixture of experts: real models' layer shapes, fewer layers (a single GPU, minutes per checkpoint)
+    # Mixtral-8x7B's layer: 8 experts of 14336, top-2; 4 layers (6.1B parameters)
+    "mixtral-moe": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                        num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
+    # Qwen1.5-MoE-A2.7B's layer: 60 experts of 1408, top-4, a gated shared expert of 5632; 6 layers (4.0B)
+    "qwen2-moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=6,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+                      num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, norm_topk_prob=False),
+    # Qwen3-30B-A3B's layer: 128 experts of 768, top-8 renormalised, head size 128; 6 layers (4.3B)
+    "qwen3-moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=6,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=4096,
+                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+    # the CPU smoke test of the MoE path (HF's expert code there; native vLLM's MoE has no CPU path)
+    "tiny-moe": dict(vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                     num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
 }
 #: (config class, model class, tie word embeddings, value of norm weights: Gemma scales by 1 + w)
 ARCHITECTURES: Dict[str, tuple] = {"llama": ("LlamaConfig", "LlamaForCausalLM", False, 1.0),
-                                   "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", True, 0.0)}
-ARCHITECTURE = {"gemma3-1b": "gemma3", "gemma3-tiny": "gemma3"}
+                                   "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", True, 0.0),
+                                   "mixtral": ("MixtralConfig", "MixtralForCausalLM", False, 1.0),
+                                   "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", False, 1.0),
+                                   "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", False, 1.0)}
+ARCHITECTURE = {"gemma3-1b": "gemma3", "gemma3-tiny": "gemma3", "mixtral-moe": "mixtral", "tiny-moe": "mixtral",
+                "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe"}
+#: MoE architectures: per-expert checkpoint names (gate, up, down), and (5.x name, checkpoint name) of the block
+#: where transformers 5 renamed it. Real checkpoints and vLLM's native loaders use these 4.x names; on 5.x the
+#: meta model holds packed experts, written per expert here.
+EXPERT_NAMES: Dict[str, tuple] = {"mixtral": (("w1", "w3", "w2"), (".mlp.", ".block_sparse_moe.")),
+                                  "qwen2_moe": (("gate_proj", "up_proj", "down_proj"), None),
+                                  "qwen3_moe": (("gate_proj", "up_proj", "down_proj"), None)}
 MODEL_LABELS = {"1b": "Llama-1B shape", "8b": "Llama-8B shape", "tiny": "tiny Llama",
-                "gemma3-1b": "Gemma-3-1B shape", "gemma3-tiny": "tiny Gemma 3"}
+                "gemma3-1b": "Gemma-3-1B shape", "gemma3-tiny": "tiny Gemma 3",
+                "mixtral-moe": "Mixtral-8x7B layers x4", "qwen2-moe": "Qwen1.5-MoE-A2.7B layers x6",
+                "qwen3-moe": "Qwen3-30B-A3B layers x6", "tiny-moe": "tiny Mixtral"}
 
 
 def architecture(model: str) -> str:
@@ -88,6 +118,28 @@ def _fingerprint(model: str, dtype: str) -> str:
     return hashlib.sha256(json.dumps([MODELS[model], dtype, _INIT_STD, _FORMAT, *arch]).encode()).hexdigest()[:16]
 
 
+def _per_expert_shapes(arch: str, shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Tuple[int, ...]]:
+    """``shapes`` with transformers 5's packed experts written per expert, under the names of EXPERT_NAMES."""
+    import re
+
+    names, block = EXPERT_NAMES.get(arch, (None, None))
+    out: Dict[str, Tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        name = name.replace(*block) if block else name
+        found = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", name)
+        if not found or names is None:
+            out[name] = shape
+            continue
+        experts, rows, cols = shape
+        for e in range(experts):
+            if found[2] == "gate_up_proj":
+                out[f"{found[1]}.{e}.{names[0]}.weight"] = (rows // 2, cols)
+                out[f"{found[1]}.{e}.{names[1]}.weight"] = (rows // 2, cols)
+            else:
+                out[f"{found[1]}.{e}.{names[2]}.weight"] = (rows, cols)
+    return out
+
+
 def build_checkpoint(model: str, path: Path, dtype: str, device: str, seed: int = 0) -> Dict[str, Any]:
     """Writes a random-weight Llama checkpoint of shape ``model`` to ``path``: N(0, 0.02) matrices, unit
     norm weights, ``dtype`` safetensors shards plus index. Returns what was written (bytes, seconds)."""
@@ -108,6 +160,7 @@ def build_checkpoint(model: str, path: Path, dtype: str, device: str, seed: int 
         model_ = getattr(transformers, model_class)(config)
         shapes = {name: tuple(t.shape) for name, t in model_.state_dict().items()
                   if not (tied and name == "lm_head.weight")}
+    shapes = _per_expert_shapes(architecture(model), shapes)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     shards: List[List[str]] = [[]]
     size = 0

@@ -46,10 +46,12 @@ from bench_specs import ARCHITECTURES, MODELS, WORKLOADS, architecture, checkpoi
 
 IMPLS = ("vllm", "transformers", "hf")
 #: Architectures vLLM 0.6.2 has no model of: no native row.
-NO_NATIVE = {"gemma3"}
+NO_NATIVE = {"gemma3", "qwen3_moe"}
 #: First guesses of a child's wall time (s) for --budget-s; replaced by measured times as children end.
-ESTIMATE_S = {"tiny": 40.0, "1b": 90.0, "8b": 180.0, "gemma3-tiny": 40.0, "gemma3-1b": 240.0}
-BUILD_ESTIMATE_S = {"tiny": 15.0, "1b": 40.0, "8b": 150.0, "gemma3-tiny": 15.0, "gemma3-1b": 60.0}
+ESTIMATE_S = {"tiny": 40.0, "1b": 90.0, "8b": 180.0, "gemma3-tiny": 40.0, "gemma3-1b": 240.0, "tiny-moe": 40.0,
+              "mixtral-moe": 150.0, "qwen2-moe": 150.0, "qwen3-moe": 150.0}
+BUILD_ESTIMATE_S = {"tiny": 15.0, "1b": 40.0, "8b": 150.0, "gemma3-tiny": 15.0, "gemma3-1b": 60.0, "tiny-moe": 15.0,
+                    "mixtral-moe": 120.0, "qwen2-moe": 90.0, "qwen3-moe": 90.0}
 
 
 def expected_class(model: str, impl: str) -> str:
@@ -281,6 +283,9 @@ def report(results_path: Path, title: str) -> None:
         print(f"no runs in {results_path}", flush=True)
         return
     print("\n" + bench_report.markdown(rows), flush=True)
+    pairs = bench_report.pair_markdown(bench_report.pairs(data["runs"]))
+    if pairs:  # each interleaved round's ratios: the host's drift between rounds cancels out of them
+        print(pairs, flush=True)
     png = results_path.with_suffix(".png")
     why_not = bench_report.chart(rows, png, title)
     print(why_not or f"chart: {png}", flush=True)

@@ -80,7 +80,11 @@ def _layouts(model, block):
     return {"per-expert": per_expert_tensors(own, _expert_names(block)), "packed": own}
 
 
-@pytest.mark.parametrize("arch, shape", BLOCK_SWEEP, ids=[f"{a}-{'-'.join(map(str, s.values()))}" for a, s in BLOCK_SWEEP])
+def _ids(cases) -> list:
+    return [f"{a}-{'-'.join(map(str, s.values()))}" for a, s in cases]
+
+
+@pytest.mark.parametrize("arch, shape", BLOCK_SWEEP, ids=_ids(BLOCK_SWEEP))
 def test_block_paths_equal_hf(arch, shape):
     """The FusedMoE path (both checkpoint layouts) and HF's code loading the other layout give HF's output."""
     model = _hf_model(arch, **shape)
@@ -151,7 +155,8 @@ def test_blocks_are_found_by_structure_not_name():
     class Expert(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w1, self.w3, self.w2 = nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False), nn.Linear(4, 8, bias=False)
+            self.w1, self.w3 = nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False)
+            self.w2 = nn.Linear(4, 8, bias=False)
 
     class Block(nn.Module):
         def __init__(self, router=True):
@@ -214,7 +219,7 @@ def test_expert_loader_names_missing_doubled_and_misshapen_tensors():
     with pytest.raises(WeightsLoadingError, match=r"expert 0's gate projection .* comes twice .* both the per-expert "
                                                   "and the packed layout"):
         consumer.take("model.layers.0.mlp.experts.gate_up_proj", ["model.layers.0.mlp.experts.gate_up_proj"], (2, 6, 4))
-    with pytest.raises(WeightsLoadingError, match=r"\(4, 4\) does not fit expert 1's up projection .* expected \(3, 4\)"):
+    with pytest.raises(WeightsLoadingError, match=r"\(4, 4\) does not fit expert 1's up projection .* \(3, 4\)"):
         consumer.take(key.format(1, "w3"), [key.format(1, "w3")], (4, 4))
     with pytest.raises(WeightsLoadingError, match="is for expert 5, but .* has 2 experts"):
         consumer.take(key.format(5, "w2"), [key.format(5, "w2")], (4, 3))
@@ -252,7 +257,8 @@ def test_check_names_the_moe_path_and_the_checkpoint_layout(tmp_path, capsys):
     assert ("hands the experts its top-2" if _v5() else "softmax -> top-2 -> renormalised") in row["routing"]
     assert "packed in the checkpoint" in _finding(report, "checkpoint keys")["detail"]
     code, report = _report(capsys, path, tp=3)  # 64 % 3
-    assert code == 1 and "intermediate size 64 is not divisible by TP=3" in _finding(report, "mixture of experts")["detail"]
+    assert code == 1
+    assert "intermediate size 64 is not divisible by TP=3" in _finding(report, "mixture of experts")["detail"]
 
 
 def test_check_reports_missing_and_misshapen_expert_tensors(tmp_path, capsys):
@@ -352,7 +358,7 @@ SHAPE_SWEEP = [(arch, dict(experts=e, top_k=k, norm=n)) for arch in MOE_ARCHITEC
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FULL, reason="engine-level shape sweep: set VTB_MOE_FULL=1 (the block-level sweep runs always)")
-@pytest.mark.parametrize("arch, shape", SHAPE_SWEEP, ids=[f"{a}-{'-'.join(map(str, s.values()))}" for a, s in SHAPE_SWEEP])
+@pytest.mark.parametrize("arch, shape", SHAPE_SWEEP, ids=_ids(SHAPE_SWEEP))
 @pytest.mark.parametrize("mode", ["hf", "fused"])
 def test_engine_shape_sweep(arch, shape, mode, moe_checkpoints, hf_tokens, monkeypatch):
     path = moe_checkpoints(arch, **shape)

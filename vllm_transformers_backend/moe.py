@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -84,8 +84,10 @@ def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
             if not all(isinstance(m, nn.Linear) and m.bias is None for m in (gate, up, down)):
                 continue
             hidden, inter = gate.in_features, gate.out_features
-            if (up.in_features, up.out_features) == (hidden, inter) and (down.in_features, down.out_features) == (inter, hidden):
-                return ExpertsLayout("per-expert", ExpertsShape(len(module), hidden, inter), names, type(first).__name__)
+            if (up.in_features, up.out_features) == (hidden, inter) and \
+                    (down.in_features, down.out_features) == (inter, hidden):
+                return ExpertsLayout("per-expert", ExpertsShape(len(module), hidden, inter), names,
+                                     type(first).__name__)
         return None
     gate_up, down = module._parameters.get("gate_up_proj"), module._parameters.get("down_proj")
     if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3):
@@ -168,7 +170,8 @@ class BlockPlan:
     routing: Optional[object] = None  # RoutingSpec of a 4.x block on the fused path
 
 
-def qualify_for_fused(block: MoEBlock, verdicts: Optional[Dict[tuple, tuple]] = None) -> Tuple[Optional[object], Optional[str]]:
+def qualify_for_fused(block: MoEBlock, verdicts: Optional[Dict[tuple, tuple]] = None
+                      ) -> Tuple[Optional[object], Optional[str]]:
     """``(routing spec or None, problem or None)``: whether vLLM's FusedMoE can compute ``block`` with HF's
     routing (probed once per block class and routing shape; ``verdicts`` caches)."""
     from .moe_probe import probe_expert_module, probe_inline_routing, probe_packed_experts

@@ -30,7 +30,7 @@ from .weights import WeightsLoadingError
 
 #: The three pieces of a gated expert: ``down(silu(gate(x)) * up(x))``.
 PIECES: Tuple[str, str, str] = ("gate", "up", "down")
-#: Per-expert checkpoint names -> piece (transformers' ``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w3``/``w2``).
+#: Per-expert checkpoint names -> piece (``gate_proj``/``up_proj``/``down_proj``; Mixtral's ``w1``/``w3``/``w2``).
 PER_EXPERT_NAMES: Dict[str, str] = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
                                     "w1": "gate", "w3": "up", "w2": "down"}
 #: Child-name triples (gate, up, down) of per-expert modules, in the order transformers' models use them.
@@ -131,14 +131,15 @@ class ExpertSlots:
     loaded: Dict[Tuple[int, str], str] = field(default_factory=dict)  # (expert, piece) -> checkpoint key
     layouts: Set[str] = field(default_factory=set)  # "per-expert" / "packed": what the checkpoint had
 
-    def take_piece(self, key: str, expert: int, piece: str, tensor: Optional[torch.Tensor], shape: Optional[Shape]) -> None:
+    def take_piece(self, key: str, expert: int, piece: str, tensor: Optional[torch.Tensor],
+                   shape: Optional[Shape]) -> None:
         if not 0 <= expert < self.shape.num_experts:
             raise WeightsLoadingError(f"checkpoint tensor {key!r} is for expert {expert}, but {self.prefix} has "
                                       f"{self.shape.num_experts} experts")
         expected = self.shape.piece_shape(piece)
         if shape is not None and tuple(shape) != expected:
-            raise WeightsLoadingError(f"checkpoint tensor {key!r} {tuple(shape)} does not fit expert {expert}'s {piece} "
-                                      f"projection of {self.prefix}: expected {expected}")
+            raise WeightsLoadingError(f"checkpoint tensor {key!r} {tuple(shape)} does not fit expert {expert}'s "
+                                      f"{piece} projection of {self.prefix}: expected {expected}")
         self._mark(key, expert, piece)
         if self.target is not None and tensor is not None:
             self.target.put(expert, piece, tensor)

@@ -87,6 +87,7 @@ def test_fused_moe_logprobs_close_to_native(arch, engines):
     native, backend = engines(arch, "vllm"), engines(arch, "transformers")
     assert (native.model_class, backend.model_class) == (NATIVE[arch], "TransformersForCausalLM")
     same = check_logprobs_close(native.outputs, backend.outputs, "native", "backend")
+    mib = 2 ** 20
     print(f"{arch}: {same}/{len(PROMPTS)} prompts token-identical to native vLLM over {MAX_TOKENS} tokens; weights "
-          f"{backend.parameter_bytes / 2 ** 20:.0f} MiB (backend) vs {native.parameter_bytes / 2 ** 20:.0f} MiB (native)")
+          f"{backend.parameter_bytes / mib:.0f} MiB (backend) vs {native.parameter_bytes / mib:.0f} MiB (native)")
     assert backend.parameter_bytes == native.parameter_bytes

@@ -347,6 +347,8 @@ def test_engine_matches_hf_generate(arch, mode, layout, tp, moe_checkpoints, hf_
     if not _require_engine(arch, path):
         return
     if tp > 1:
+        if not moe_config(arch).base_model_tp_plan:
+            pytest.skip(f"transformers {transformers_version()} declares no tp_plan for {arch}")
         request.getfixturevalue("spawned_workers")
     assert _engine_tokens(path, mode, monkeypatch, tp) == hf_tokens(reference)
 

@@ -142,6 +142,6 @@ def test_transformers5_transforms():
                         target_patterns="experts.gate_up_proj", operations=[Concatenate(dim=0)]),
     ])
     assert mapper.map("model.layers.0.old_norm.weight", TARGETS) == "model.layers.0.norm.weight"
-    assert mapper.resolve("model.layers.0.old_norm.weight", TARGETS) == ("model.layers.0.norm.weight", False)
+    assert mapper.resolve("model.layers.0.old_norm.weight", TARGETS) == ("model.layers.0.norm.weight", None, False)
     with pytest.raises(WeightsLoadingError, match="WeightConverter"):
         mapper.resolve("model.layers.0.mlp.experts.3.w1.weight", TARGETS)

@@ -80,12 +80,24 @@ def _layouts(model, block):
     return {"per-expert": per_expert_tensors(own, _expert_names(block)), "packed": own}
 
 
+def _prepare(model, mode: str, tp_size: int = 1, monkeypatch=None, **build) -> "moe.MoEPlan":
+    """The backend's MoE step on ``model``'s body with ``VLLM_TRANSFORMERS_BACKEND_MOE=mode`` on the CPU (``fused``:
+    the FusedMoE pass with the kernel's arithmetic in PyTorch)."""
+    from vllm_transformers_backend.passes import Build
+
+    monkeypatch.setenv(moe.MOE_ENV, mode)
+    plan, report = moe.prepare_moe(Build(model.model, torch.device("cpu"), tp_size=tp_size, dtype=torch.float32,
+                                         **build), enforce_eager=True)
+    assert report.name == "moe"
+    return plan
+
+
 def _ids(cases) -> list:
     return [f"{a}-{'-'.join(map(str, s.values()))}" for a, s in cases]
 
 
 @pytest.mark.parametrize("arch, shape", BLOCK_SWEEP, ids=_ids(BLOCK_SWEEP))
-def test_block_paths_equal_hf(arch, shape):
+def test_block_paths_equal_hf(arch, shape, monkeypatch):
     """The FusedMoE path (both checkpoint layouts) and HF's code loading the other layout give HF's output."""
     model = _hf_model(arch, **shape)
     [block] = moe.find_moe_blocks(model.model)
@@ -99,12 +111,10 @@ def test_block_paths_equal_hf(arch, shape):
                 if mode == "hf" and layout == block.layout.kind:
                     continue  # HF's code with its own layout: what `expected` is
                 copy_ = copy.deepcopy(model)
-                plans = moe.plan_blocks(moe.find_moe_blocks(copy_.model), mode=mode, has_kernel=False, quantized=False)
-                assert [p.path for p in plans] == [mode], plans[0].reason
-                plan = moe.MoEPlan(plans, tp_size=1)
-                plan.install(params_dtype=torch.float32, use_kernel=False)
+                plan = _prepare(copy_, mode, monkeypatch=monkeypatch)
+                assert [p.path for p in plan.plans] == [mode], plan.plans[0].reason
                 assert _load(plan.weight_consumer(copy_), tensors) == len(tensors)
-                got = _block_output(plans[0].block.module, x)
+                got = _block_output(plan.plans[0].block.module, x)
                 assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (layout, mode)
 
 
@@ -133,10 +143,8 @@ def test_tensor_parallel_split_sums_to_hf(arch, monkeypatch):
         for rank in range(2):
             monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_rank", lambda rank=rank: rank)
             copy_ = copy.deepcopy(model)
-            plans = moe.plan_blocks(moe.find_moe_blocks(copy_.model), mode=mode, has_kernel=False, quantized=False)
-            plan = moe.MoEPlan(plans, tp_size=2)
-            plan.install(params_dtype=torch.float32, use_kernel=False)
-            sharded = plans[0].block.module._modules[block.experts_attr]
+            plan = _prepare(copy_, mode, tp_size=2, monkeypatch=monkeypatch)
+            sharded = plan.plans[0].block.module._modules[block.experts_attr]
             for name, param in sharded.named_parameters():
                 if param.is_meta:
                     sharded._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
@@ -174,11 +182,17 @@ def test_blocks_are_found_by_structure_not_name():
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_probe_refuses_what_the_kernel_cannot_compute(arch):
-    """vLLM's kernel multiplies by SiLU: experts with another activation keep HF's code, with the reason."""
+def test_probe_refuses_what_the_kernel_cannot_compute(arch, monkeypatch):
+    """vLLM's kernel multiplies by SiLU: experts with another activation keep HF's code, with the reason (the
+    pass's report counts the block as kept, with the same reason)."""
+    from vllm_transformers_backend.passes import Build
+
     model = _hf_model(arch, hidden_act="gelu")
-    [plan] = moe.plan_blocks(moe.find_moe_blocks(model.model), mode="fused", has_kernel=True, quantized=False)
+    monkeypatch.setenv(moe.MOE_ENV, "fused")
+    moe_plan, report = moe.prepare_moe(Build(model.model, torch.device("cpu")), enforce_eager=True)
+    [plan] = moe_plan.plans
     assert plan.path == "hf" and "silu" in plan.reason, plan.reason
+    assert (report.status, report.sites, report.replaced, list(report.kept)) == ("on", 1, 0, [plan.reason])
 
 
 def test_probe_refuses_an_unknown_routing(monkeypatch):
@@ -200,12 +214,36 @@ def test_hf_expert_loop_under_cuda_graphs_is_refused(monkeypatch):
     model = _hf_model("mixtral")
     monkeypatch.setattr(devices, "captures_graphs", lambda device: True)
     monkeypatch.setenv(moe.MOE_ENV, "hf")
+    from vllm_transformers_backend.passes import Build
+
     with pytest.raises(moe.MoEError, match="enforce_eager=True"):
-        moe.prepare_moe(model.model, tp_size=1, device=torch.device("cpu"), params_dtype=torch.float32,
-                        quantized=False, enforce_eager=False)
+        moe.prepare_moe(Build(model.model, torch.device("cpu")), enforce_eager=False)
     monkeypatch.setenv(moe.MOE_ENV, "sometimes")
     with pytest.raises(moe.MoEError, match="expected one of auto, hf, fused"):
         moe.moe_mode()
+
+
+def test_the_fused_moe_pass_is_a_speed_pass(monkeypatch):
+    """doctor lists the pass with its switch; it runs before the linear swap; each setting of its switch gives
+    its report line (off, n/a where the kernel does not run, on with what it replaced)."""
+    from vllm_transformers_backend import envs
+    from vllm_transformers_backend.passes import Build, speed_passes
+
+    [moe_pass] = [p for p in speed_passes() if p.name == "moe"]
+    assert moe_pass.switches == (moe.MOE_ENV,) and moe_pass.before_linears and "FusedMoE" in moe_pass.summary
+    assert speed_passes()[0].name == "moe"  # first: before the linears are swapped
+    for value, mode in (("", "auto"), ("0", "hf"), ("off", "hf"), ("fused", "fused")):
+        monkeypatch.setenv(moe.MOE_ENV, value)
+        assert envs.VLLM_TRANSFORMERS_BACKEND_MOE == mode
+    reports = {}
+    for mode in ("hf", "auto", "fused"):
+        monkeypatch.setenv(moe.MOE_ENV, mode)
+        reports[mode] = moe.prepare_moe(Build(_hf_model("mixtral").model, torch.device("cpu")), enforce_eager=True)[1]
+    assert reports["hf"].line() == f"speed pass moe: off ({moe.MOE_ENV}=hf)"
+    assert reports["auto"].line() == "speed pass moe: n/a (vLLM's fused MoE kernel does not run on this device)"
+    assert reports["fused"].line().startswith("speed pass moe: 1 of 1 replaced: MixtralBlockSparseTop2MLP experts "
+                                              "and routing -> vLLM FusedMoE") or _v5(), reports["fused"].line()
+    assert (reports["fused"].sites, reports["fused"].replaced) == (1, 1)
 
 
 def test_expert_loader_names_missing_doubled_and_misshapen_tensors():

@@ -4,8 +4,9 @@ Construction (inside vLLM's loader, under ``with torch.device(target)`` and the 
 
 1. build the HF model from its config with parameters on the meta device (buffers such as rotary
    ``inv_freq`` are computed for real, on the target device; :mod:`.hf_model`, shared with ``check``);
-2. with pipeline parallelism, keep this rank's modules (``pp_plan``, :mod:`.pipeline`); swap
-   ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style, :mod:`.tp_plan`) and the input
+2. with pipeline parallelism, keep this rank's modules (``pp_plan``, :mod:`.pipeline`); mixture-of-experts
+   blocks' experts become vLLM ``FusedMoE`` layers where the kernel runs (the ``moe`` speed pass, first:
+   :mod:`.moe`); swap ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style, :mod:`.tp_plan`) and the input
    embedding for ``VocabParallelEmbedding`` (keeping ``embed_scale``);
 3. run the speed passes (:mod:`.passes`): RMS norms, q/k/v and gate/up fusion, gated MLPs, rotary,
    residual fusion; the model keeps their reports (``speed_passes``, shown by ``doctor``);
@@ -128,13 +129,13 @@ class Base(nn.Module):
             kernels.check_paged_attention_head_size(self.device, self.bundle.model_config.get_head_size())
         self._setup_pipeline(hf_model)
         self._tp_plan_map = collect_tp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
-        self.moe = self._prepare_moe()
-        self._replace_modules()
         head_size = self.bundle.model_config.get_head_size()
-        self.speed_passes: List[PassReport] = run_speed_passes(Build(
-            self.model, self.device, tp_size=self.tp_size, quant_config=self.quant_config, head_size=head_size,
-            num_layers=self.text_config.num_hidden_layers, is_encoder=self.is_encoder,
-            prefix=self._checkpoint_prefix, owner=self))
+        build = Build(self.model, self.device, tp_size=self.tp_size, quant_config=self.quant_config,
+                      head_size=head_size, num_layers=self.text_config.num_hidden_layers, is_encoder=self.is_encoder,
+                      prefix=self._checkpoint_prefix, owner=self, dtype=self.dtype)
+        self.moe, moe_report = self._prepare_moe(build)
+        self._replace_modules()
+        self.speed_passes: List[PassReport] = [moe_report] + run_speed_passes(build)
         rotary = next((r for r in self.speed_passes if r.name == "rotary"), None)
         #: The modeling modules whose rotation runs through vLLM's kernel in this model's forward, and whether
         #: their cos/sin halves were found equal (rotary.py); empty when the rotary pass did not run.
@@ -150,12 +151,10 @@ class Base(nn.Module):
 
     # --- construction -----------------------------------------------------------------------------
 
-    def _prepare_moe(self) -> moe.MoEPlan:
-        """Mixture-of-experts blocks: FusedMoE where it runs, HF's expert code elsewhere (:mod:`.moe`)."""
+    def _prepare_moe(self, build: Build) -> Tuple[moe.MoEPlan, PassReport]:
+        """Mixture-of-experts blocks: the FusedMoE pass where it runs, HF's expert code elsewhere (:mod:`.moe`)."""
         try:
-            return moe.prepare_moe(self.model, tp_size=self.tp_size, device=self.device, params_dtype=self.dtype,
-                                   quantized=self.quant_config is not None,
-                                   enforce_eager=bool(getattr(self.bundle.model_config, "enforce_eager", False)))
+            return moe.prepare_moe(build, enforce_eager=bool(getattr(self.bundle.model_config, "enforce_eager", False)))
         except moe.MoEError as exc:
             raise BackendError(f"{self.hf_model_class.__name__}: {exc}") from exc
 

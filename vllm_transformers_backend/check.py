@@ -541,9 +541,9 @@ def _check_moe(report: Report, body: Any, tp: int, quantized: bool) -> List[Any]
         key = (type(block.module).__name__, block.layout.kind, block.layout.class_name, shape.num_experts,
                shape.intermediate_size, block.top_k, block.shared_attr, block.shared_gate_attr)
         groups.setdefault(key, []).append(block)
-    rows, problems, verdicts = [], [], {}
+    rows, problems = [], []
     for (cls, kind, experts_cls, num, inter, top_k, shared, gate), members in groups.items():
-        spec, problem = qualify_for_fused(members[0], verdicts)
+        spec, problem = qualify_for_fused(members[0])
         shared_text = f", {'gated ' if gate else ''}shared expert" if shared else ""
         routing = problem or routing_description(members[0], spec)
         rows.append(f"{cls} x{len(members)}: {num} experts ({kind}, {experts_cls}), top-{top_k or '?'}, "
@@ -639,6 +639,7 @@ def _check_checkpoint(report: Report, path: Path, wrapper: Any, hf_model: Any, b
         report.add("checkpoint keys", ERROR, str(exc))
         return
     mismatched = [f"{key} {list(shape)} -> {name} {list(expected)}" for key, shape, name, expected in account.mismatched]
+    mismatched += experts.errors or []
     unmapped, missing = account.unmapped, account.missing
     report.checkpoint.update(unmapped=unmapped, missing=missing, shape_mismatch=mismatched)
     if unmapped:

@@ -23,6 +23,15 @@ import json
 from typing import Any, Dict
 
 
+def _setting(envs: Any, name: str) -> Any:
+    """A setting's value, or what is wrong with it (a value a choice setting does not know: the model load
+    refuses it with the same message)."""
+    try:
+        return getattr(envs, name)
+    except ValueError as exc:
+        return f"INVALID: {exc}"
+
+
 def report(llm: Any = None) -> Dict[str, Any]:
     """The doctor report as a dict (``llm``: also the replacements of the model it runs)."""
     from . import compat, envs
@@ -35,7 +44,7 @@ def report(llm: Any = None) -> Dict[str, Any]:
         "transformers_supported": False,
         "device": "unknown",
         "patches": [],
-        "settings": {name: {"value": getattr(envs, name), "set": envs.is_set(name)}
+        "settings": {name: {"value": _setting(envs, name), "set": envs.is_set(name)}
                      for name in envs.environment_variables},
         "speed_passes": [],
         "process_replacements": [],

@@ -15,7 +15,9 @@ Switches (all on by default; ``0``/``false``/``no``/``off`` turn one off, any ot
   fused layers and the residual fusion, as it always did), ``..._FUSE_GLU`` (gated MLP activation as one
   kernel), ``..._FUSE_RESIDUAL`` (residual adds in vLLM's add-and-norm kernel), ``..._FUSED_ROTARY``
   (HF's rotation through vLLM's kernel: ``1`` where vLLM's GPU kernels run, ``all`` also elsewhere,
-  e.g. the CPU build in tests, ``0`` never);
+  e.g. the CPU build in tests, ``0`` never), ``..._MOE`` (mixture-of-experts blocks' experts as vLLM's
+  ``FusedMoE``: ``auto`` where vLLM's fused MoE kernel runs, ``fused`` also elsewhere, its arithmetic in
+  PyTorch, as the CPU tests run it, ``hf`` or ``0`` never: HF's expert code);
 * ``VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW``: sliding-window layers on FlashAttention run vLLM's flash
   kernel with the layer's window (``0``: the backend's gathered window attention; :mod:`.windowed_attention`).
 
@@ -24,7 +26,7 @@ Decode step: not on it (read while a model is built).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 _OFF = ("0", "false", "no", "off")
 
@@ -34,6 +36,18 @@ def _switch(name: str, default: bool) -> bool:
     if not value:
         return default
     return value not in _OFF
+
+
+def _choice(name: str, choices: Tuple[str, ...], off: str) -> str:
+    """One of ``choices`` (the first is the default; an off value means ``off``); anything else is refused."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return choices[0]
+    if value in _OFF:
+        return off
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)} (or 0)")
+    return value
 
 
 def _rotary(name: str) -> str:
@@ -58,6 +72,9 @@ environment_variables: Dict[str, Callable[[], Any]] = {
     "VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL", True),
     # Speed pass rotary: "1" where vLLM's GPU kernels run, "all" everywhere vllm._C has the op, "0" never.
     "VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY": lambda: _rotary("VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY"),
+    # Speed pass moe: "auto" where vLLM's fused MoE kernel runs, "fused" everywhere (its arithmetic in PyTorch
+    # where the kernel does not run), "hf" (or 0) never: each block keeps HF's expert code.
+    "VLLM_TRANSFORMERS_BACKEND_MOE": lambda: _choice("VLLM_TRANSFORMERS_BACKEND_MOE", ("auto", "hf", "fused"), "hf"),
     # Sliding-window layers on FlashAttention: vLLM's flash kernel with the layer's window (0: the backend's
     # gathered window attention instead; windowed_attention.py).
     "VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW", True),

@@ -11,9 +11,10 @@ A block is a module holding a router and gated experts of one of transformers' t
 
 and a router: a linear or a module with a ``weight`` of ``[E, H]``. Names of model classes play no part.
 
-Each block takes one of two paths (:func:`plan_blocks`):
+Each block takes one of two paths (:func:`prepare_moe`):
 
-* **fused** (where vLLM's fused MoE kernel runs: CUDA): the experts become one :class:`.moe_layers.HFFusedMoE`
+* **fused**, the speed pass :class:`FusedExperts` (:mod:`.passes`; where vLLM's fused MoE kernel runs: CUDA):
+  the experts become one :class:`.moe_layers.HFFusedMoE`
   fed with the HF router's top-k ids and weights. transformers 5 blocks keep their forward and router
   untouched; a 4.x block gets its routing written out (:func:`.moe_layers.routed_block_forward`), which a CPU
   probe has matched against the block's own forward first (:mod:`.moe_probe`). Tensor parallelism splits
@@ -23,29 +24,31 @@ Each block takes one of two paths (:func:`plan_blocks`):
   as any linear; packed experts at TP > 1 keep each rank's slice of the intermediate size and add the ranks'
   partial sums (:func:`.moe_layers.shard_packed_experts`).
 
-``VLLM_TRANSFORMERS_BACKEND_MOE``: ``auto`` (default), ``hf``, or ``fused`` (the fused layout everywhere; where
-the kernel does not run, its arithmetic in PyTorch: how the CPU tests run the GPU path). Checkpoints of either
-expert layout load into either path (:mod:`.moe_weights`).
+``VLLM_TRANSFORMERS_BACKEND_MOE`` (:mod:`.envs`, the pass's switch): ``auto`` (default), ``hf`` (or ``0``), or
+``fused`` (the fused layout everywhere; where the kernel does not run, its arithmetic in PyTorch: how the CPU
+tests run the GPU path). Checkpoints of either expert layout load into either path (:mod:`.moe_weights`).
+
+Decode step: the fused path is on it (one routed FusedMoE call per block); choosing and loading are not.
 """
 from __future__ import annotations
 
 import inspect
-import os
+from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from . import devices
+from . import devices, envs
 from ._logging import get_logger
 from .moe_weights import (PER_EXPERT_TRIPLES, ExpertSlots, ExpertsShape, ExpertTensors, LinearsTarget,
                           PackedTarget, Target, block_aliases)
+from .passes import Build, PassReport, Replacement, SpeedPass, Verdict
 
 logger = get_logger(__name__)
 
 MOE_ENV = "VLLM_TRANSFORMERS_BACKEND_MOE"
-MOE_MODES = ("auto", "hf", "fused")
 #: Children that hold a block's shared expert and its gate (Qwen2-MoE; DeepSeek-style ``shared_experts``).
 _SHARED_NAMES = ("shared_expert", "shared_experts")
 _SHARED_GATE_NAMES = ("shared_expert_gate",)
@@ -56,10 +59,11 @@ class MoEError(ValueError):
 
 
 def moe_mode() -> str:
-    mode = os.environ.get(MOE_ENV, "auto").strip().lower() or "auto"
-    if mode not in MOE_MODES:
-        raise MoEError(f"{MOE_ENV}={mode!r}: expected one of {', '.join(MOE_MODES)}")
-    return mode
+    """``auto``, ``hf`` or ``fused`` (:mod:`.envs`); a value it does not know is refused."""
+    try:
+        return envs.VLLM_TRANSFORMERS_BACKEND_MOE
+    except ValueError as exc:
+        raise MoEError(str(exc)) from exc
 
 
 # --- finding blocks ---------------------------------------------------------------------------------
@@ -159,7 +163,7 @@ def find_moe_blocks(body: nn.Module) -> List[MoEBlock]:
     return blocks
 
 
-# --- choosing a path --------------------------------------------------------------------------------
+# --- the speed pass: FusedMoE ------------------------------------------------------------------------
 
 
 @dataclass
@@ -170,53 +174,31 @@ class BlockPlan:
     routing: Optional[object] = None  # RoutingSpec of a 4.x block on the fused path
 
 
-def qualify_for_fused(block: MoEBlock, verdicts: Optional[Dict[tuple, tuple]] = None
-                      ) -> Tuple[Optional[object], Optional[str]]:
+def probe_key(block: MoEBlock) -> Hashable:
+    """What a block's qualification holds for: its classes, layout and routing shape."""
+    experts = block.module._modules[block.experts_attr]
+    return (type(block.module), type(experts), block.layout.kind, block.layout.shape.num_experts, block.top_k,
+            block.shared_attr, block.shared_gate_attr)
+
+
+def qualify_for_fused(block: MoEBlock) -> Tuple[Optional[object], Optional[str]]:
     """``(routing spec or None, problem or None)``: whether vLLM's FusedMoE can compute ``block`` with HF's
-    routing (probed once per block class and routing shape; ``verdicts`` caches)."""
+    routing (CPU probes of the block's own code, :mod:`.moe_probe`)."""
     from .moe_probe import probe_expert_module, probe_inline_routing, probe_packed_experts
 
     experts = block.module._modules[block.experts_attr]
-    key = (type(block.module), type(experts), block.layout.kind, block.layout.shape.num_experts, block.top_k,
-           block.shared_attr, block.shared_gate_attr)
-    if verdicts is not None and key in verdicts:
-        return verdicts[key]
     if block.layout.kind == "packed":
         if not block.router_hands_choices:
-            verdict: tuple = (None, f"{block.layout.class_name}.forward does not take (hidden_states, top_k_index, "
-                                    "top_k_weights)")
-        else:
-            verdict = (None, probe_packed_experts(experts, block.layout.shape.num_experts, block.top_k))
-    elif block.top_k is None:
-        verdict = (None, f"{type(block.module).__name__} has no top_k attribute")
-    else:
-        problem = probe_expert_module(experts[0], block.layout.names)
-        verdict = (None, problem) if problem else probe_inline_routing(
-            block.module, block.router_attr, block.experts_attr, block.layout.shape.num_experts,
-            block.layout.shape.hidden_size, block.top_k, block.shared_attr, block.shared_gate_attr)
-    if verdicts is not None:
-        verdicts[key] = verdict
-    return verdict
-
-
-def plan_blocks(blocks: List[MoEBlock], *, mode: str, has_kernel: bool, quantized: bool) -> List[BlockPlan]:
-    plans: List[BlockPlan] = []
-    verdicts: Dict[tuple, tuple] = {}
-    for block in blocks:
-        if mode == "hf":
-            plans.append(BlockPlan(block, "hf", f"{MOE_ENV}=hf"))
-        elif quantized:
-            plans.append(BlockPlan(block, "hf", "quantized model: the backend's FusedMoE path loads unquantized "
-                                                "experts only"))
-        elif mode == "auto" and not has_kernel:
-            plans.append(BlockPlan(block, "hf", "vLLM's fused MoE kernel does not run on this device"))
-        else:
-            spec, problem = qualify_for_fused(block, verdicts)
-            if problem:
-                plans.append(BlockPlan(block, "hf", problem))
-            else:
-                plans.append(BlockPlan(block, "fused", routing_description(block, spec), spec))
-    return plans
+            return None, (f"{block.layout.class_name}.forward does not take (hidden_states, top_k_index, "
+                          "top_k_weights)")
+        return None, probe_packed_experts(experts, block.layout.shape.num_experts, block.top_k)
+    if block.top_k is None:
+        return None, f"{type(block.module).__name__} has no top_k attribute"
+    problem = probe_expert_module(experts[0], block.layout.names)
+    if problem:
+        return None, problem
+    return probe_inline_routing(block.module, block.router_attr, block.experts_attr, block.layout.shape.num_experts,
+                                block.layout.shape.hidden_size, block.top_k, block.shared_attr, block.shared_gate_attr)
 
 
 def routing_description(block: MoEBlock, spec: Optional[object]) -> str:
@@ -226,16 +208,76 @@ def routing_description(block: MoEBlock, spec: Optional[object]) -> str:
     return f"{type(block.module).__name__}'s routing ({spec.describe()}) matched its forward on a CPU probe"
 
 
-# --- installing -------------------------------------------------------------------------------------
+def _check_divisible(block: MoEBlock, tp_size: int, prefix: str) -> None:
+    if block.layout.shape.intermediate_size % tp_size:
+        raise MoEError(f"{prefix}.{block.experts_qualname}: the experts' intermediate size "
+                       f"{block.layout.shape.intermediate_size} is not divisible by tensor_parallel_size={tp_size}")
+
+
+class FusedExperts(SpeedPass):
+    """Mixture-of-experts blocks' experts (HF's loop over expert MLPs) -> one vLLM FusedMoE per block fed with
+    the HF router's top-k ids and weights; a 4.x block's routing written out once a CPU probe matched it (this
+    model's modules, before the linear swap; blocks it leaves keep HF's code)."""
+
+    name = "moe"
+    switches = (MOE_ENV,)
+    before_linears = True
+
+    def __init__(self) -> None:
+        #: probe key -> verdict, for the blocks this run kept on HF's code (:func:`prepare_moe` names why)
+        self.verdicts: Dict[Hashable, Verdict] = {}
+
+    def switched_off(self) -> Optional[str]:
+        return f"{MOE_ENV}=hf" if moe_mode() == "hf" else None
+
+    def unavailable(self, build: Build) -> Optional[str]:
+        if build.quant_config is not None:
+            return "quantized model: the backend's FusedMoE path loads unquantized experts only"
+        if moe_mode() == "auto" and not devices.has_fused_moe_kernel(build.device):
+            return "vLLM's fused MoE kernel does not run on this device"
+        return None
+
+    def sites(self, build: Build) -> List[MoEBlock]:
+        return find_moe_blocks(build.body)
+
+    def key(self, block: MoEBlock) -> Hashable:
+        return probe_key(block)
+
+    def validate(self, block: MoEBlock, build: Build) -> Verdict:
+        spec, problem = qualify_for_fused(block)
+        self.verdicts[probe_key(block)] = verdict = Verdict(problem, spec)
+        return verdict
+
+    def install(self, accepted: Sequence[Tuple[MoEBlock, Verdict]], build: Build
+                ) -> Tuple[List[Replacement], List[BlockPlan]]:
+        from .moe_layers import HFFusedMoE, install_routed_forward
+
+        use_kernel = devices.has_fused_moe_kernel(build.device)
+        dtype = build.dtype or torch.get_default_dtype()
+        plans, replaced = [], Counter()
+        for block, verdict in accepted:
+            _check_divisible(block, build.tp_size, build.prefix)
+            layer = HFFusedMoE(block.layout.shape, block.top_k, build.tp_size, dtype,
+                               f"{build.prefix}.{block.experts_qualname}", use_kernel)
+            setattr(block.module, block.experts_attr, layer)
+            if verdict.data is not None:
+                install_routed_forward(block.module, verdict.data)
+            plans.append(BlockPlan(block, "fused", routing_description(block, verdict.data), verdict.data))
+            replaced[f"{block.layout.class_name} experts" + (" and routing" if verdict.data is not None else "")] += 1
+        by = "vLLM FusedMoE" + ("" if use_kernel else " (its arithmetic in PyTorch: no kernel on this device)")
+        return [Replacement(target, by, n) for target, n in replaced.items()], plans
+
+
+# --- the model's blocks -----------------------------------------------------------------------------
 
 
 class MoEPlan:
-    """The blocks of a backend model and their paths; installs them and loads their experts."""
+    """The blocks of a backend model and their paths (the FusedMoE pass's and HF's code); loads their experts."""
 
     def __init__(self, plans: List[BlockPlan], tp_size: int) -> None:
         self.plans = plans
         self.tp_size = tp_size
-        self._handled: Dict[int, BlockPlan] = {}
+        self._handled: Dict[int, BlockPlan] = {id(p.block.module._modules[p.block.experts_attr]): p for p in plans}
 
     def __bool__(self) -> bool:
         return bool(self.plans)
@@ -243,25 +285,6 @@ class MoEPlan:
     def handles(self, module: nn.Module) -> bool:
         """Whether ``module`` is an experts module this plan runs (its tp_plan styles are honoured here)."""
         return id(module) in self._handled
-
-    def install(self, *, params_dtype: torch.dtype, use_kernel: bool, prefix: str = "model") -> None:
-        from .moe_layers import HFFusedMoE, install_routed_forward, shard_packed_experts
-
-        for plan in self.plans:
-            block = plan.block
-            shape = block.layout.shape
-            if (plan.path == "fused" or block.layout.kind == "packed") and shape.intermediate_size % self.tp_size:
-                raise MoEError(f"{prefix}.{block.experts_qualname}: the experts' intermediate size "
-                               f"{shape.intermediate_size} is not divisible by tensor_parallel_size={self.tp_size}")
-            if plan.path == "fused":
-                layer = HFFusedMoE(shape, block.top_k, self.tp_size, params_dtype,
-                                   f"{prefix}.{block.experts_qualname}", use_kernel)
-                setattr(block.module, block.experts_attr, layer)
-                if plan.routing is not None:
-                    install_routed_forward(block.module, plan.routing)
-            elif block.layout.kind == "packed" and self.tp_size > 1:
-                shard_packed_experts(block.module._modules[block.experts_attr], self.tp_size)
-            self._handled[id(block.module._modules[block.experts_attr])] = plan
 
     def weight_consumer(self, model: nn.Module, mapper: Optional[object] = None,
                         prefix: str = "model") -> ExpertTensors:
@@ -296,14 +319,15 @@ class MoEPlan:
 def expert_tensors(model: nn.Module, blocks: List[MoEBlock], targets: Optional[List[Target]] = None,
                    prefix: str = "model") -> ExpertTensors:
     """The loader's consumer of ``blocks``' expert tensors in ``model`` (its body under ``prefix``): each piece
-    goes to its block's target, or, without targets (``check``'s dry run), is only checked."""
+    goes to its block's target, or, without targets (``check``'s dry run), is only checked, its problems
+    listed (``errors``) rather than raised."""
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     slots, owned = [], []
     for i, block in enumerate(blocks):
         name = f"{prefix}.{block.experts_qualname}"
         slots.append(ExpertSlots(name, block.layout.shape, targets[i] if targets else None, block_aliases(name)))
         owned += [n for n in params if n.startswith(name + ".")]
-    return ExpertTensors(slots, owned)
+    return ExpertTensors(slots, owned, collect_errors=not targets)
 
 
 def _locator(mapper: Optional[object]):
@@ -312,24 +336,31 @@ def _locator(mapper: Optional[object]):
     return lambda name, params: (name if name in params else None, None)
 
 
-def prepare_moe(body: nn.Module, *, tp_size: int, device: torch.device, params_dtype: torch.dtype,
-                quantized: bool, enforce_eager: bool, prefix: str = "model") -> MoEPlan:
-    """Finds ``body``'s MoE blocks, chooses each one's path and installs it (before the backend swaps linears:
-    experts handed to FusedMoE never become per-expert vLLM linears)."""
-    blocks = find_moe_blocks(body)
-    if not blocks:
-        return MoEPlan([], tp_size)
-    has_kernel = devices.has_fused_moe_kernel(device)
-    plans = plan_blocks(blocks, mode=moe_mode(), has_kernel=has_kernel, quantized=quantized)
+def prepare_moe(build: Build, *, enforce_eager: bool) -> Tuple[MoEPlan, PassReport]:
+    """Runs the FusedMoE pass on ``build.body`` (before the backend swaps linears: experts handed to FusedMoE
+    never become per-expert vLLM linears), then readies the blocks it left for HF's code: packed experts split
+    for tensor parallelism; refused where CUDA graphs would capture HF's data-dependent expert loop."""
+    fused_pass = FusedExperts()
+    report = fused_pass.run(build)
+    plans: List[BlockPlan] = list(report.forward_state or [])
+    for block in find_moe_blocks(build.body):  # what the pass did not take (HF's experts are still there)
+        verdict = fused_pass.verdicts.get(probe_key(block))
+        plans.append(BlockPlan(block, "hf", verdict.problem if verdict and verdict.problem else report.reason))
     hf_loops = [p for p in plans if p.path == "hf"]
-    if hf_loops and devices.captures_graphs(device) and not enforce_eager:
+    if hf_loops and devices.captures_graphs(build.device) and not enforce_eager:
         first = hf_loops[0]
         raise MoEError(
-            f"{len(hf_loops)} MoE block(s) run HF's expert loop ({prefix}.{first.block.qualname}: {first.reason}). "
-            "That loop asks the device which experts were chosen, which CUDA-graph capture cannot record: run with "
-            f"enforce_eager=True (--enforce-eager), or let the block use vLLM's FusedMoE ({MOE_ENV}=auto).")
-    plan = MoEPlan(plans, tp_size)
-    plan.install(params_dtype=params_dtype, use_kernel=has_kernel)
+            f"{len(hf_loops)} MoE block(s) run HF's expert loop ({build.prefix}.{first.block.qualname}: "
+            f"{first.reason}). That loop asks the device which experts were chosen, which CUDA-graph capture cannot "
+            f"record: run with enforce_eager=True (--enforce-eager), or let the block use vLLM's FusedMoE "
+            f"({MOE_ENV}=auto).")
+    for plan in hf_loops:
+        if plan.block.layout.kind == "packed" and build.tp_size > 1:
+            from .moe_layers import shard_packed_experts
+
+            _check_divisible(plan.block, build.tp_size, build.prefix)
+            shard_packed_experts(plan.block.module._modules[plan.block.experts_attr], build.tp_size)
+    plan = MoEPlan(plans, build.tp_size)
     for line in plan.describe():
         logger.info("%s", line)
-    return plan
+    return plan, report

@@ -180,8 +180,10 @@ class ExpertTensors:
     tensors in either layout, owns the expert parameters for the loader's completeness check, and reports the
     pieces no tensor filled."""
 
-    def __init__(self, slots: Iterable[ExpertSlots], owned: Iterable[str] = ()) -> None:
+    def __init__(self, slots: Iterable[ExpertSlots], owned: Iterable[str] = (), collect_errors: bool = False) -> None:
         self.slots: Dict[str, ExpertSlots] = {}
+        #: ``collect_errors`` (``check``'s dry run): a tensor that does not fit is listed here, not raised
+        self.errors: Optional[List[str]] = [] if collect_errors else None
         for slot in slots:
             for prefix in (slot.prefix,) + slot.aliases:
                 self.slots[prefix] = slot
@@ -210,12 +212,17 @@ class ExpertTensors:
         slots, expert, part = matched
         data = tensor if isinstance(tensor, torch.Tensor) else None
         shape = tuple(tensor.shape) if data is not None else (tuple(tensor) if tensor is not None else None)
-        if expert is None:
-            slots.layouts.add("packed")
-            slots.take_packed(key, part, data, shape)
-        else:
-            slots.layouts.add("per-expert")
-            slots.take_piece(key, expert, part, data, shape)
+        try:
+            if expert is None:
+                slots.layouts.add("packed")
+                slots.take_packed(key, part, data, shape)
+            else:
+                slots.layouts.add("per-expert")
+                slots.take_piece(key, expert, part, data, shape)
+        except WeightsLoadingError as exc:
+            if self.errors is None:
+                raise
+            self.errors.append(str(exc))
         return True
 
     def owned(self) -> Set[str]:

@@ -3,7 +3,9 @@
 Decode step: these replacements are what makes the HF code run like vLLM's own
 model (see README "Layout"): vLLM RMS norms (:mod:`.layers`), q/k/v and gate/up as one GEMM each and the
 gated MLP's activation as one kernel (:mod:`.fusion`), the rotation through vLLM's rotary kernel
-(:mod:`.rotary`), the residual adds inside vLLM's fused add-and-norm (:mod:`.residual`).
+(:mod:`.rotary`), the residual adds inside vLLM's fused add-and-norm (:mod:`.residual`); and, first, before
+the backend swaps HF's linears for vLLM's, mixture-of-experts blocks' experts as one ``FusedMoE`` each
+(:mod:`.moe`; ``before_linears``: the experts it takes must not become per-expert vLLM linears).
 
 A pass (:class:`SpeedPass`) says, in this order:
 
@@ -54,6 +56,8 @@ class Build:
     prefix: str = "model"
     #: The backend model being built: process-wide replacements are held for it (:mod:`.runtime`).
     owner: Any = None
+    #: The dtype new vLLM layers take (None: the ambient default, which vLLM sets to the model's).
+    dtype: Optional[torch.dtype] = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,9 @@ class SpeedPass:
     name: str = ""
     #: The :mod:`.envs` variables that must all be on.
     switches: Tuple[str, ...] = ()
+    #: Runs on HF's own modules before the backend swaps linears (the backend runs it itself, first); the
+    #: others run on the built model (:func:`run_speed_passes`).
+    before_linears: bool = False
 
     @property
     def summary(self) -> str:
@@ -181,11 +188,13 @@ def speed_passes() -> Tuple[SpeedPass, ...]:
     MLP on fused projections, the residual fusion on vLLM norms)."""
     from .fusion import GluFusion, ProjectionFusion
     from .layers import RmsNormPass
+    from .moe import FusedExperts
     from .residual import ResidualFusion
     from .rotary import RotaryKernel
 
-    return (RmsNormPass(), ProjectionFusion(), GluFusion(), RotaryKernel(), ResidualFusion())
+    return (FusedExperts(), RmsNormPass(), ProjectionFusion(), GluFusion(), RotaryKernel(), ResidualFusion())
 
 
 def run_speed_passes(build: Build) -> List[PassReport]:
-    return [speed_pass.run(build) for speed_pass in speed_passes()]
+    """The passes that run on the built model (those ``before_linears`` the backend has run already)."""
+    return [speed_pass.run(build) for speed_pass in speed_passes() if not speed_pass.before_linears]

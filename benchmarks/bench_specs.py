@@ -14,11 +14,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 #: Model shapes (random weights: only speed and memory are measured); Llama unless ARCHITECTURE says otherwise.
+#: The 1B shape allows 16k positions so that the interleaved comparison's long-prompt workload (8192 in) fits.
 MODELS: Dict[str, Dict[str, Any]] = {
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=16384),
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
+    # Qwen2.5-0.5B's shape: q/k/v biases, tied head, head size 64 (runs on the CPU engine too)
+    "qwen2": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6),
     # the CPU smoke test: head size 64 (what the CPU paged attention takes)
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
@@ -32,6 +37,8 @@ MODELS: Dict[str, Dict[str, Any]] = {
     "gemma3-tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
                         sliding_window=32, sliding_window_pattern=2, max_position_embeddings=512),
+    "tiny-qwen2": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
     # mixture of experts: real models' layer shapes, fewer layers (a single GPU, minutes per checkpoint)
     # Mixtral-8x7B's layer: 8 experts of 14336, top-2; 4 layers (6.1B parameters)
     "mixtral-moe": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
@@ -53,19 +60,21 @@ MODELS: Dict[str, Dict[str, Any]] = {
 }
 #: (config class, model class, tie word embeddings, value of norm weights: Gemma scales by 1 + w)
 ARCHITECTURES: Dict[str, tuple] = {"llama": ("LlamaConfig", "LlamaForCausalLM", False, 1.0),
+                                   "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", True, 1.0),
                                    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", True, 0.0),
                                    "mixtral": ("MixtralConfig", "MixtralForCausalLM", False, 1.0),
                                    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", False, 1.0),
                                    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", False, 1.0)}
 ARCHITECTURE = {"gemma3-1b": "gemma3", "gemma3-tiny": "gemma3", "mixtral-moe": "mixtral", "tiny-moe": "mixtral",
-                "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe"}
+                "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "qwen2": "qwen2", "tiny-qwen2": "qwen2"}
 #: MoE architectures: per-expert checkpoint names (gate, up, down), and (5.x name, checkpoint name) of the block
 #: where transformers 5 renamed it. Real checkpoints and vLLM's native loaders use these 4.x names; on 5.x the
 #: meta model holds packed experts, written per expert here.
 EXPERT_NAMES: Dict[str, tuple] = {"mixtral": (("w1", "w3", "w2"), (".mlp.", ".block_sparse_moe.")),
                                   "qwen2_moe": (("gate_proj", "up_proj", "down_proj"), None),
                                   "qwen3_moe": (("gate_proj", "up_proj", "down_proj"), None)}
-MODEL_LABELS = {"1b": "Llama-1B shape", "8b": "Llama-8B shape", "tiny": "tiny Llama",
+MODEL_LABELS = {"1b": "Llama-1B shape", "8b": "Llama-8B shape", "tiny": "tiny Llama", "qwen2": "Qwen2-0.5B shape",
+                "tiny-qwen2": "tiny Qwen2",
                 "gemma3-1b": "Gemma-3-1B shape", "gemma3-tiny": "tiny Gemma 3",
                 "mixtral-moe": "Mixtral-8x7B layers x4", "qwen2-moe": "Qwen1.5-MoE-A2.7B layers x6",
                 "qwen3-moe": "Qwen3-30B-A3B layers x6", "tiny-moe": "tiny Mixtral"}
@@ -73,6 +82,21 @@ MODEL_LABELS = {"1b": "Llama-1B shape", "8b": "Llama-8B shape", "tiny": "tiny Ll
 
 def architecture(model: str) -> str:
     return ARCHITECTURE.get(model, "llama")
+
+
+def model_class(model: str) -> str:
+    """The HF class a shape's checkpoint declares (what native vLLM builds for it)."""
+    return ARCHITECTURES[architecture(model)][1]
+
+
+def hf_config(model: str, dtype: str) -> Any:
+    """The shape's HF config, naming its model class in ``architectures`` (vLLM resolves the class from it)."""
+    import transformers
+
+    config_class, class_name, tied, _ = ARCHITECTURES[architecture(model)]
+    config = getattr(transformers, config_class)(**MODELS[model], tie_word_embeddings=tied, torch_dtype=dtype)
+    config.architectures = [class_name]
+    return config
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,16 @@ WORKLOADS: Dict[str, Workload] = {
     "prefill": Workload("prefill", 64, 1024, 32),
     # long context (engines with max_model_len 4096): most of each sequence lies outside a 512-token window
     "long": Workload("long", 32, 3840, 256),
+}
+#: What the interleaved comparison runs (benchmarks/interleaved.py), per device. GPU: the issue's four
+#: workloads; CPU: the same kinds, sized for a few cores; smoke: every code path in seconds.
+ROUND_WORKLOADS: Dict[str, Dict[str, Workload]] = {
+    "gpu": {"decode": Workload("decode", 256, 128, 128), "prefill": Workload("prefill", 256, 1024, 32),
+            "small": Workload("small", 8, 128, 128), "long": Workload("long", 4, 8192, 64)},
+    "cpu": {"decode": Workload("decode", 16, 32, 32), "prefill": Workload("prefill", 4, 256, 4),
+            "small": Workload("small", 2, 32, 32)},
+    "smoke": {"decode": Workload("decode", 4, 8, 6), "prefill": Workload("prefill", 2, 48, 2),
+              "small": Workload("small", 1, 8, 6)},
 }
 #: Same names, CPU-sized: the smoke test exercises every code path in seconds.
 TINY_WORKLOADS: Dict[str, Workload] = {
@@ -141,7 +175,7 @@ def _per_expert_shapes(arch: str, shapes: Dict[str, Tuple[int, ...]]) -> Dict[st
 
 
 def build_checkpoint(model: str, path: Path, dtype: str, device: str, seed: int = 0) -> Dict[str, Any]:
-    """Writes a random-weight Llama checkpoint of shape ``model`` to ``path``: N(0, 0.02) matrices, unit
+    """Writes a random-weight checkpoint of shape ``model`` to ``path``: N(0, 0.02) matrices and biases, unit
     norm weights, ``dtype`` safetensors shards plus index. Returns what was written (bytes, seconds)."""
     import torch
     from safetensors.torch import save_file
@@ -153,11 +187,10 @@ def build_checkpoint(model: str, path: Path, dtype: str, device: str, seed: int 
     for stale in [*path.glob("*.safetensors"), path / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # a shard left from another shape would be loaded too
     torch_dtype = getattr(torch, dtype)
-    config_class, model_class, tied, norm_value = ARCHITECTURES[architecture(model)]
-    config = getattr(transformers, config_class)(**MODELS[model], tie_word_embeddings=tied, torch_dtype=dtype)
-    config.architectures = [model_class]  # vLLM resolves the model class from this field
+    _, class_name, tied, norm_value = ARCHITECTURES[architecture(model)]
+    config = hf_config(model, dtype)
     with torch.device("meta"):
-        model_ = getattr(transformers, model_class)(config)
+        model_ = getattr(transformers, class_name)(config)
         shapes = {name: tuple(t.shape) for name, t in model_.state_dict().items()
                   if not (tied and name == "lm_head.weight")}
     shapes = _per_expert_shapes(architecture(model), shapes)

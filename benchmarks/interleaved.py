@@ -1,0 +1,669 @@
+"""Backend vs native vLLM 0.6.2, both engines alive at once, the work cut into short rounds in alternating order.
+
+Separate engine runs a minute apart differ on a shared host by more than the effect in question (the same
+engine gave 2.5k and 4.0k tok/s within ten minutes on an H200). This comparison cancels that drift:
+
+* both engines run at the same time, each in its own long-lived child process (``engine_worker.py``; vLLM
+  0.6.2 neither frees device memory in-process nor keeps two ``LLM`` objects in one process apart), each with
+  its share of device memory (``--gpu-memory-utilization``, started one after the other so that each sizes
+  its KV cache from its own peak), driven in lockstep over pipes: only one engine computes at any moment;
+* a workload is added to both engines and then advanced in rounds of K engine steps: round r runs the
+  same K steps of the same schedule in each engine (same prompts, greedy, ``ignore_eos``, same scheduler
+  settings: identical batches; checked per round from the scheduled tokens), first native then backend or
+  the other way round, alternating, so slow and fast moments of the host fall on both orders alike;
+* K follows ``--round-s`` (a round lasts about that long per engine), passes over the workload repeat
+  until at least ``--min-rounds`` rounds ran and the 95% interval of the median ratio is within
+  ``--target`` (3%), or the workload's share of ``--budget-s`` is used; the output says when the interval
+  stayed wider than the target;
+* per round, ratio = native time / backend time (backend throughput relative to native: above 1 the
+  backend is faster); reported: the median over rounds with a 95% bootstrap interval (rounds resampled),
+  the ratio of total times with its interval, and the median of each order;
+* every step is timed by phase (``step_timer.py``: schedule / prepare / forward / logits / sample /
+  process, host times, and device spans of the forward and the sampling on CUDA); time to first token and
+  time per output token come from the same step records; ``--profile`` adds kernel (CUDA) and host-operator
+  tables of a prefill step and of decode steps taken inside the same engines (CUDA graphs on).
+
+Results: ``<out>/interleaved-<model>-<device>.json`` (every round, step summaries, engine start, weight
+memory, profiles, the command, git commit, device, versions); each invocation appends to the file.
+
+    python benchmarks/interleaved.py --model 1b --budget-s 540 --profile            # on the GPU host
+    python benchmarks/interleaved.py --device cpu --checkpoint ~/.cache/vllm-transformers-backend/models/SmolLM2-135M-Instruct
+    python benchmarks/interleaved.py --device cpu --model tiny --smoke               # the CI smoke test (seconds)
+    python benchmarks/interleaved.py --report-only [--model 1b]                      # tables from the JSON
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import queue
+import random
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_specs import MODELS, ROUND_WORKLOADS, Workload, checkpoint_ready  # noqa: E402
+
+IMPLS = ("vllm", "transformers")  # native, backend
+LABEL = {"vllm": "native", "transformers": "backend"}
+SCHEMA = 1
+_NOISE = ("Using None for EOS token id because tokenizer is not initialized",)
+
+
+# --- statistics ------------------------------------------------------------------------------------------
+
+
+def bootstrap_interval(values: Sequence[float], statistic=statistics.median, resamples: int = 2000,
+                       seed: int = 0) -> Tuple[float, float]:
+    """95% percentile interval of ``statistic`` over resamples (with replacement) of ``values``."""
+    rng = random.Random(seed)
+    n = len(values)
+    stats = sorted(statistic([values[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
+    return stats[int(0.025 * resamples)], stats[min(resamples - 1, int(0.975 * resamples))]
+
+
+def ratio_stats(rounds: List[Dict[str, Any]], target: float, metric: str = "wall") -> Dict[str, Any]:
+    """Median per-round ratio (native time / backend time, by ``metric``: wall or cpu) with its interval, the
+    ratio of total times with its interval, and the median of each order."""
+    key = f"{metric}_s"
+    ratios = [r["native"][key] / r["backend"][key] for r in rounds if r["backend"][key] > 0 and r["native"][key] > 0]
+    if not ratios:
+        return {"rounds": 0, "metric": metric}
+    out: Dict[str, Any] = {"rounds": len(ratios), "metric": metric, "median": statistics.median(ratios)}
+    by_order = {order: [r["native"][key] / r["backend"][key] for r in rounds if r["order"] == order
+                        and r["backend"][key] > 0 and r["native"][key] > 0] for order in ("native first", "backend first")}
+    out["per_order"] = {order: {"rounds": len(v), "median": statistics.median(v) if v else None}
+                        for order, v in by_order.items()}
+    pairs = [(r["native"][key], r["backend"][key]) for r in rounds if r["backend"][key] > 0 and r["native"][key] > 0]
+    out["total_ratio"] = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
+    if len(ratios) >= 4:
+        out["interval"] = bootstrap_interval(ratios)
+        out["total_interval"] = bootstrap_interval(pairs, lambda sample: sum(a for a, _ in sample) / sum(b for _, b in sample))
+        low, high = out["interval"]
+        out["half_width"] = max(high - out["median"], out["median"] - low) / out["median"]
+        out["resolved"] = out["half_width"] <= target
+    else:
+        out["interval"] = out["total_interval"] = None
+        out["half_width"] = None
+        out["resolved"] = False
+    return out
+
+
+# --- the children ----------------------------------------------------------------------------------------
+
+
+class ChildError(RuntimeError):
+    pass
+
+
+class Child:
+    """One engine_worker.py process: commands in, one JSON reply per command out, its log echoed."""
+
+    def __init__(self, impl: str, argv: List[str], env: Dict[str, str], quiet: bool) -> None:
+        self.impl = impl
+        cmd_r, self._cmd_w = os.pipe()
+        self._res_r, res_w = os.pipe()
+        argv = [*argv, "--cmd-fd", str(cmd_r), "--result-fd", str(res_w)]
+        # same process group as this one: whatever stops the parent's group (a command limit) stops the child
+        self.proc = subprocess.Popen([sys.executable, "-u", str(HERE / "engine_worker.py"), *argv], env=env,
+                                     pass_fds=(cmd_r, res_w), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1)
+        os.close(cmd_r)
+        os.close(res_w)
+        self._commands = os.fdopen(self._cmd_w, "w", buffering=1)
+        self._replies: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
+        self.log_tail: List[str] = []
+        threading.Thread(target=self._read_replies, daemon=True).start()
+        threading.Thread(target=self._pump_log, args=(quiet,), daemon=True).start()
+
+    def _read_replies(self) -> None:
+        with os.fdopen(self._res_r, "r") as replies:
+            for line in replies:
+                self._replies.put(json.loads(line))
+        self._replies.put(None)  # the child closed its end: it exited
+
+    def _pump_log(self, quiet: bool) -> None:
+        prefix = f"    {LABEL[self.impl]:>7} | "
+        for line in self.proc.stdout:
+            self.log_tail = (self.log_tail + [line])[-20:]
+            if any(n in line for n in _NOISE):
+                continue
+            if quiet and not any(k in line for k in ("Error", "error", "Traceback", "took", "WARNING")):
+                continue
+            sys.stdout.write(prefix + line)
+            sys.stdout.flush()
+
+    def receive(self, timeout: Optional[float]) -> Dict[str, Any]:
+        try:
+            reply = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            raise ChildError(f"{LABEL[self.impl]} engine: no reply within {timeout:.0f} s") from None
+        if reply is None:
+            self.proc.wait()
+            raise ChildError(f"{LABEL[self.impl]} engine exited (code {self.proc.returncode}); last lines:\n"
+                             + "".join("      " + line for line in self.log_tail[-12:]))
+        if reply.get("ok") is False or reply.get("event") == "failed":
+            raise ChildError(f"{LABEL[self.impl]} engine: {reply.get('error')}\n{reply.get('traceback', '')}")
+        return reply
+
+    def request(self, message: Dict[str, Any], timeout: Optional[float]) -> Dict[str, Any]:
+        self._commands.write(json.dumps(message) + "\n")
+        self._commands.flush()
+        return self.receive(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.request({"cmd": "quit"}, timeout)
+                self.proc.wait(timeout=timeout)
+            except Exception:
+                pass
+        if self.proc.poll() is None:
+            self.kill()
+
+    def kill(self) -> None:
+        try:
+            import psutil  # a vLLM dependency
+
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except Exception:
+            children = []
+        self.proc.kill()
+        for child in children:
+            try:
+                child.kill()
+            except Exception:
+                pass
+        self.proc.wait()
+
+
+# --- one comparison --------------------------------------------------------------------------------------
+
+
+def _round_entry(reply: Dict[str, Any]) -> Dict[str, Any]:
+    """What the JSON keeps of one engine's round: totals and phase sums (the step summaries keep medians)."""
+    steps = reply["steps"]
+    entry: Dict[str, Any] = {"wall_s": reply["wall_s"], "cpu_s": reply["cpu_s"], "steps": len(steps),
+                             "tokens": sum(s.get("tokens", 0) for s in steps),
+                             "generated": sum(s.get("generated", 0) for s in steps),
+                             "kinds": sorted({s["kind"] for s in steps}),
+                             "preempted": sum(s.get("preempted", 0) for s in steps)}
+    for key in ("schedule", "prepare", "forward", "logits", "sample", "process", "other",
+                "device_forward", "device_logits", "device_sample"):
+        values = [s[key] for s in steps if s.get(key) is not None]
+        if values:
+            entry[f"{key}_s"] = sum(values)
+    return entry
+
+
+class Comparison:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.t0 = time.monotonic()
+        self.children: Dict[str, Child] = {}
+        self.results_path = args.out / f"interleaved-{args.model_name}-{args.device}.json"
+        self.invocation: Dict[str, Any] = {
+            "id": uuid.uuid4().hex[:8],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "host": _host_info(), "model": args.model_name, "device": args.device,
+            "engines": {}, "workloads": {}, "profiles": [], "failures": []}
+        signal.signal(signal.SIGTERM, self._terminate)
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        return float("inf") if self.args.budget_s is None else self.args.budget_s - self.elapsed()
+
+    def log(self, message: str) -> None:
+        print(f"[{self.elapsed():6.1f} s] {message}", flush=True)
+
+    def _terminate(self, signum, frame) -> None:
+        self.log("terminated: saving what finished")
+        for child in self.children.values():
+            child.kill()
+        self.save()
+        sys.exit(128 + signum)
+
+    def save(self) -> None:
+        data = load(self.results_path)
+        data["invocations"] = [i for i in data["invocations"] if i["id"] != self.invocation["id"]]
+        data["invocations"].append(self.invocation)
+        self.results_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.results_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, self.results_path)
+
+    # -- engines --------------------------------------------------------------------------------------------
+    def spawn(self, impl: str) -> None:
+        """The child process: it imports vLLM at once, and builds its engine when :meth:`start` says so."""
+        a = self.args
+        argv = ["--impl", impl, "--checkpoint", str(a.checkpoint), "--vocab-size", str(a.vocab_size),
+                "--device", a.device, "--dtype", a.dtype, "--max-model-len", str(a.max_model_len),
+                "--max-num-seqs", str(a.max_num_seqs), "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+        if a.enforce_eager:
+            argv.append("--enforce-eager")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if a.device == "cpu":
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the idle engine's threads must not spin
+        self.children[impl] = Child(impl, argv, env, a.quiet)
+        self.spawned = time.monotonic()
+
+    def start(self, impl: str) -> None:
+        child = self.children[impl]
+        imported = child.receive(timeout=max(30.0, min(self.args.start_timeout, self.left())))
+        self.log(f"starting the {LABEL[impl]} engine ({impl}; its vLLM import took {imported['import_s']:.1f} s)")
+        started = time.monotonic()
+        ready = child.request({"cmd": "start"}, timeout=max(30.0, min(self.args.start_timeout, self.left())))
+        ready["child_start_s"] = time.monotonic() - started
+        ready["import_s"] = imported["import_s"]
+        expected = "TransformersForCausalLM" if impl == "transformers" else None
+        if expected and ready["model_class"] != expected:
+            raise ChildError(f"the backend engine built {ready['model_class']}, expected {expected}")
+        if impl == "vllm" and ready["model_class"] == "TransformersForCausalLM":
+            raise ChildError("the native engine built the Transformers backend (no native class for this model?)")
+        self.invocation["engines"][impl] = ready
+        self.log(f"{LABEL[impl]} engine ready: LLM() {ready['start_s']:.1f} s, {ready['model_class']}, weights "
+                 f"{ready['weight_bytes'] / 2 ** 30:.3f} GiB, {ready['engine']['num_gpu_blocks']} KV blocks")
+
+    def both(self, message: Dict[str, Any], order: Sequence[str] = IMPLS) -> Dict[str, Dict[str, Any]]:
+        timeout = max(60.0, self.left() + 30.0) if self.args.budget_s else None
+        return {impl: self.children[impl].request(message, timeout) for impl in order}
+
+    # -- one workload ---------------------------------------------------------------------------------------
+    def run_workload(self, w: Workload, share_s: float, offset: int) -> Dict[str, Any]:
+        a = self.args
+        deadline = time.monotonic() + share_s
+        self.log(f"workload {w.name} ({w.prompts} x {w.input_len} in / {w.output_len} out): up to {share_s:.0f} s")
+        warm = self.both({"cmd": "warmup", "workload": w.to_dict()})
+        rounds: List[Dict[str, Any]] = []
+        steps: Dict[str, List[Dict[str, Any]]] = {impl: [] for impl in IMPLS}
+        passes: List[Dict[str, Any]] = []
+        mismatches = 0
+        k = 1
+        stop_reason = None
+        pass_index = 0
+        while stop_reason is None:
+            added = self.both({"cmd": "add", "workload": w.to_dict()})
+            first_token = {impl: 0.0 for impl in IMPLS}
+            first_token_done = {impl: False for impl in IMPLS}
+            pass_steps = {impl: 0 for impl in IMPLS}
+            index = 0
+            done = False
+            while not done:
+                order = IMPLS if (index + pass_index + offset) % 2 == 0 else IMPLS[::-1]
+                replies = self.both({"cmd": "round", "steps": k}, order)
+                entry = {"pass": pass_index, "index": index, "k": k,
+                         "order": "native first" if order[0] == "vllm" else "backend first",
+                         "native": _round_entry(replies["vllm"]), "backend": _round_entry(replies["transformers"])}
+                same = all(entry["native"][key] == entry["backend"][key] for key in ("steps", "tokens", "generated"))
+                entry["matched"] = same and replies["vllm"]["done"] == replies["transformers"]["done"]
+                if entry["matched"] and entry["native"]["wall_s"] > 0 and entry["backend"]["wall_s"] > 0:
+                    entry["ratio"] = entry["native"][f"{a.metric}_s"] / max(entry["backend"][f"{a.metric}_s"], 1e-9)
+                    rounds.append(entry)
+                else:
+                    mismatches += 1
+                    self.log(f"round {index} of pass {pass_index}: the engines did different work "
+                             f"({entry['native']} vs {entry['backend']}); left out")
+                for impl in IMPLS:
+                    for record in replies[impl]["steps"]:
+                        steps[impl].append(record)
+                        if not first_token_done[impl]:
+                            first_token[impl] += record[a.metric]
+                            pass_steps[impl] += record.get("generated", 0)
+                            first_token_done[impl] = pass_steps[impl] >= w.prompts
+                done = replies["vllm"]["done"] and replies["transformers"]["done"]
+                if replies["vllm"]["done"] != replies["transformers"]["done"]:
+                    self.log("one engine finished the pass before the other: the rest of the pass is aborted")
+                    done = True
+                # the next round's K: about --round-s per engine at the recent step time
+                recent = [r["wall"] for impl in IMPLS for r in replies[impl]["steps"]]
+                if recent:
+                    k = max(1, min(a.max_k, round(a.round_s / max(statistics.median(recent), 1e-6))))
+                index += 1
+                if time.monotonic() >= deadline or self.left() <= a.reserve_s:
+                    stop_reason = "time share used"
+                elif len(rounds) >= a.max_rounds:
+                    stop_reason = "max rounds"
+                elif (pass_index > 0 or done) and len(rounds) >= a.min_rounds and (done or index % 4 == 0) \
+                        and ratio_stats(rounds, a.target, a.metric)["resolved"]:  # at least one whole pass first
+                    stop_reason = "interval within target"
+                if stop_reason:
+                    break
+            if not done:
+                self.both({"cmd": "abort"})
+            passes.append({"pass": pass_index, "complete": done, "add_s": {i: added[i]["add_s"] for i in IMPLS},
+                           "ttft_s": first_token if all(first_token_done.values()) else None})
+            pass_index += 1
+        stats = ratio_stats(rounds, a.target, a.metric)
+        other = "wall" if a.metric == "cpu" else "cpu"
+        from step_timer import summarize
+
+        result = {"workload": w.to_dict(), "stop": stop_reason, "passes": passes, "mismatched_rounds": mismatches,
+                  "warmup": warm, "stats": stats, f"stats_{other}": ratio_stats(rounds, a.target, other),
+                  "rounds": rounds,
+                  "steps": {impl: summarize(steps[impl]) for impl in IMPLS},
+                  "output_tokens": {LABEL[impl]: sum(r[LABEL[impl]]["generated"] for r in rounds) for impl in IMPLS},
+                  "seconds": {LABEL[impl]: sum(r[LABEL[impl]][f"{a.metric}_s"] for r in rounds) for impl in IMPLS}}
+        result["tok_s"] = {k2: result["output_tokens"][k2] / v if v else None for k2, v in result["seconds"].items()}
+        ttfts = {LABEL[impl]: [p["ttft_s"][impl] for p in passes if p["ttft_s"]] for impl in IMPLS}
+        result["ttft_s"] = {k2: statistics.median(v) if v else None for k2, v in ttfts.items()}
+        self.log(describe_workload(w.name, result, a.target))
+        return result
+
+    def profile(self, workloads: Dict[str, Workload]) -> None:
+        """Kernel and host-operator tables of a prefill step and of decode steps, in the running engines."""
+        plans = []
+        if "prefill" in workloads:
+            plans.append(("prefill step", workloads["prefill"], 0, 1))
+        if "decode" in workloads:
+            w = workloads["decode"]
+            plans.append((f"decode steps (batch {w.prompts})", w, -1, self.args.profile_steps))
+        if "small" in workloads:
+            plans.append((f"decode steps (batch {workloads['small'].prompts})", workloads["small"], -1,
+                          self.args.profile_steps))
+        from profile_step import format_table
+
+        for label, w, skip, n in plans:
+            if self.left() <= self.args.reserve_s / 2:
+                self.log(f"profile of {label} skipped: budget")
+                break
+            if skip < 0:  # past the prefill steps: as many steps as prefills need (max_num_batched_tokens)
+                engine = self.invocation["engines"]["vllm"]["engine"]
+                per_step = max(1, engine["max_num_batched_tokens"] // max(1, w.input_len))
+                skip = -(-w.prompts // min(per_step, engine["max_num_seqs"])) + 2
+            replies = self.both({"cmd": "profile", "workload": w.to_dict(), "skip": skip, "steps": n, "label": label,
+                                 "top": self.args.profile_top})
+            for impl in IMPLS:
+                table = {k: v for k, v in replies[impl].items() if k != "ok"}
+                self.invocation["profiles"].append({"impl": impl, **table})
+                print(format_table(f"{LABEL[impl]}: {label} ({', '.join(table['kinds'])})", table), flush=True)
+
+    # -- the whole run --------------------------------------------------------------------------------------
+    def run(self) -> int:
+        a = self.args
+        workloads = {name: ROUND_WORKLOADS[a.table][name] for name in a.workloads}
+        try:
+            order = (a.first, *[i for i in IMPLS if i != a.first])
+            for impl in order:
+                self.spawn(impl)
+            for impl in order:
+                self.start(impl)
+            self.save()
+            names = list(workloads)
+            for i, name in enumerate(names):
+                share = (self.left() - a.reserve_s) / (len(names) - i)
+                if share <= 0:
+                    self.log(f"workload {name} skipped: no budget left")
+                    self.invocation["failures"].append({"workload": name, "reason": "budget"})
+                    continue
+                self.invocation["workloads"][name] = self.run_workload(workloads[name], share, offset=i)
+                self.save()
+            if a.profile:
+                self.profile(workloads)
+                self.save()
+        except ChildError as exc:
+            self.log(f"FAILED: {exc}")
+            self.invocation["failures"].append({"reason": str(exc)})
+            self.save()
+            return 1
+        finally:
+            for child in self.children.values():
+                child.close()
+        self.save()
+        print("\n" + report(self.invocation, a.target), flush=True)
+        self.log(f"results: {self.results_path}")
+        return 0
+
+
+# --- reporting -------------------------------------------------------------------------------------------
+
+
+def load(path: Path) -> Dict[str, Any]:
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("schema") == SCHEMA:
+            return data
+        raise SystemExit(f"{path} has schema {data.get('schema')}, expected {SCHEMA}")
+    return {"schema": SCHEMA, "invocations": []}
+
+
+def _fmt_ratio(value: Optional[float], interval: Optional[Sequence[float]] = None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.3f}"
+    return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def describe_workload(name: str, result: Dict[str, Any], target: float) -> str:
+    s = result["stats"]
+    if not s.get("rounds"):
+        return f"{name}: no rounds"
+    orders = s["per_order"]
+    text = (f"{name}: backend/native by {s.get('metric', 'wall')} time {_fmt_ratio(s['median'], s['interval'])} (median of "
+            f"{s['rounds']} rounds, "
+            f"{orders['native first']['rounds']} native first / {orders['backend first']['rounds']} backend first), "
+            f"total-time ratio {_fmt_ratio(s['total_ratio'], s['total_interval'])}; stopped: {result['stop']}")
+    if not s["resolved"]:
+        width = "unknown" if s["half_width"] is None else f"+/-{100 * s['half_width']:.1f}%"
+        text += (f"\n  NOTE: the 95% interval ({width}) is wider than +/-{100 * target:.0f}%: this run cannot tell "
+                 f"a {100 * target:.0f}% difference from noise; run more rounds (--budget-s, --workloads {name})")
+    return text
+
+
+def report(inv: Dict[str, Any], target: float) -> str:
+    lines = [f"## {inv['model']} on {inv['device']} ({(inv['host'] or {}).get('gpus') or inv['device']}), "
+             f"{inv['date']}, commit {(inv['host'] or {}).get('git_commit', '?')[:10]}", ""]
+    engines = inv["engines"]
+    if engines:
+        lines += ["| engine | LLM() start s (CPU s) | weights GiB | loaded GiB | KV blocks | CUDA graphs |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for impl in IMPLS:
+            e = engines.get(impl)
+            if e:
+                loaded = "-" if e.get("loaded_bytes") is None else f"{e['loaded_bytes'] / 2 ** 30:.3f}"
+                lines.append(f"| {LABEL[impl]} | {e['start_s']:.1f} ({e.get('start_cpu_s', 0):.1f}) | "
+                             f"{e['weight_bytes'] / 2 ** 30:.3f} | {loaded} | "
+                             f"{e['engine']['num_gpu_blocks']} | {'off' if e['engine']['enforce_eager'] else 'on'} |")
+        if all(i in engines for i in IMPLS):
+            n, b = engines["vllm"], engines["transformers"]
+            lines.append(f"\nbackend/native: start {b['start_s'] / n['start_s']:.2f}x (CPU time "
+                         f"{b.get('start_cpu_s', 0) / max(n.get('start_cpu_s', 0), 1e-9):.2f}x), weights "
+                         f"{b['weight_bytes'] / n['weight_bytes']:.3f}x" + (
+                             f", loaded {b['loaded_bytes'] / n['loaded_bytes']:.3f}x" if b.get("loaded_bytes") and
+                             n.get("loaded_bytes") else ""))
+        lines.append("")
+    metric = next((r["stats"].get("metric") for r in inv["workloads"].values()), None) or "wall"
+    lines += [f"Backend throughput relative to native, per round by {metric} time (native time / backend time):", "",
+              "| workload | rounds (native first / backend first) | backend/native, median [95% CI] | "
+              f"total-time ratio [95% CI] | native tok/s | backend tok/s | resolved to +/-{100 * target:.0f}% |",
+              "|---|---|---|---|---:|---:|---|"]
+    for name, r in inv["workloads"].items():
+        s, w = r["stats"], r["workload"]
+        if not s.get("rounds"):
+            continue
+        o = s["per_order"]
+        lines.append(f"| {name} ({w['prompts']} x {w['input_len']}/{w['output_len']}) | {s['rounds']} "
+                     f"({o['native first']['rounds']}/{o['backend first']['rounds']}) | "
+                     f"{_fmt_ratio(s['median'], s['interval'])} | {_fmt_ratio(s['total_ratio'], s['total_interval'])} | "
+                     f"{r['tok_s']['native'] or 0:.1f} | {r['tok_s']['backend'] or 0:.1f} | "
+                     f"{'yes' if s['resolved'] else 'NO'} |")
+    lines += ["", "Per step (medians, ms; host phases exclusive; dev = device span):", "",
+              "| workload | kind | engine | steps | seqs | wall | cpu | schedule | prepare | forward | logits | sample | "
+              "process | other | dev fwd | dev sample |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    for name, r in inv["workloads"].items():
+        for kind in ("prefill", "decode", "mixed"):
+            for impl in IMPLS:
+                row = r["steps"][impl].get(kind)
+                if row:
+                    lines.append(f"| {name} | {kind} | {LABEL[impl]} | {row['steps']} | {row['seqs']:.0f} | "
+                                 + " | ".join(ms(row.get(f"{p}_ms")) for p in ("wall", "cpu", "schedule", "prepare", "forward",
+                                                                           "logits", "sample", "process", "other",
+                                                                           "device_forward", "device_sample")) + " |")
+    latency = [(name, r) for name, r in inv["workloads"].items() if r.get("ttft_s")]
+    if latency:
+        lines += ["", f"Latency by {metric} time: time to first token (the steps up to the one that sampled the last "
+                  "prompt's first token) and time per output token (median decode step):", "",
+                  "| workload | native TTFT ms | backend TTFT ms | native TPOT ms | backend TPOT ms |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, r in latency:
+            tpot = {impl: (r["steps"][impl].get("decode") or {}).get(f"{metric}_ms") for impl in IMPLS}
+            ttft = r["ttft_s"]
+            lines.append(f"| {name} | {ms(ttft['native'] and ttft['native'] * 1000)} | "
+                         f"{ms(ttft['backend'] and ttft['backend'] * 1000)} | {ms(tpot['vllm'])} | "
+                         f"{ms(tpot['transformers'])} |")
+    if inv.get("profiles"):
+        lines += ["", "| profile | engine | kernels/step | device ms/step | host aten ops/step |", "|---|---|---:|---:|---:|"]
+        for p in inv["profiles"]:
+            kernels = p.get("kernels_per_step")
+            lines.append(f"| {p['label']} | {LABEL[p['impl']]} | {'-' if kernels is None else f'{kernels:.0f}'} | "
+                         f"{ms(p.get('device_ms_per_step'))} | {p['host_ops_per_step']:.0f} |")
+    for f in inv.get("failures", []):
+        lines.append(f"\nnot completed: {f}")
+    return "\n".join(lines)
+
+
+# --- set-up ----------------------------------------------------------------------------------------------
+
+
+def _host_info() -> Dict[str, Any]:
+    import platform
+
+    info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    for key, cmd in (("git_commit", ["git", "-C", str(HERE), "rev-parse", "HEAD"]),
+                     ("git_dirty", ["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"]),
+                     ("gpus", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            info[key] = out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            info[key] = None
+    info["git_dirty"] = bool(info.get("git_dirty"))
+    return info
+
+
+def _checkpoint(args: argparse.Namespace) -> Path:
+    """A given checkpoint, or the shape's random one (built by bench_engines.py in a child process, so this
+    process never initialises the device)."""
+    if args.checkpoint is not None:
+        return args.checkpoint
+    path = args.checkpoint_dir / f"{args.model}-{args.dtype}"
+    if not checkpoint_ready(path, args.model, args.dtype):
+        print(f"building the {args.model} checkpoint at {path}", flush=True)
+        subprocess.run([sys.executable, str(HERE / "bench_engines.py"), "build", "--model", args.model,
+                        "--checkpoint", str(path), "--device", args.device, "--dtype", args.dtype], check=True)
+    return path
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="random-weight shape: " + ", ".join(MODELS) + " (default 1b; tiny "
+                   "with --smoke)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="an existing checkpoint instead of a random shape")
+    p.add_argument("--checkpoint-dir", type=Path, default=Path("/tmp/vtb-bench"))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--table", default=None, choices=sorted(ROUND_WORKLOADS),
+                   help="workload sizes (default: the device's; smoke with --smoke)")
+    p.add_argument("--workloads", default=None, help="comma-separated names from the table (default: all)")
+    p.add_argument("--smoke", action="store_true", help="every code path in seconds: smoke table, 4+ rounds")
+    p.add_argument("--budget-s", type=float, default=None, help="end (with results saved) within this many seconds")
+    p.add_argument("--reserve-s", type=float, default=None, help="kept for profiles and shut-down (default: 45 s on "
+                   "cuda with --profile, 15 s otherwise)")
+    p.add_argument("--round-s", type=float, default=None, help="round length per engine (default 0.3 s cuda, 1 s cpu)")
+    p.add_argument("--min-rounds", type=int, default=40, help="at least this many rounds (half in each order)")
+    p.add_argument("--max-rounds", type=int, default=400)
+    p.add_argument("--max-k", type=int, default=64, help="most engine steps in one round")
+    p.add_argument("--target", type=float, default=0.03, help="stop once the 95%% interval is within +/- this")
+    p.add_argument("--metric", choices=["wall", "cpu"], default=None, help="what a round's ratio compares: wall "
+                   "time (default on cuda) or the engine process's CPU time (default on cpu: the CPU engine computes "
+                   "synchronously, and CPU time leaves out the time other tenants of a shared host held the cores)")
+    p.add_argument("--first", choices=IMPLS, default="vllm", help="which engine starts first")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.42, help="each engine's share")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the longest workload, rounded up")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--profile", action="store_true", help="kernel/op tables of a prefill and decode steps at the end")
+    p.add_argument("--profile-steps", type=int, default=4)
+    p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--quiet", action="store_true", help="echo only the engines' warnings and errors")
+    p.add_argument("--report-only", action="store_true", help="print the tables of the JSON's invocations")
+    args = p.parse_args(argv)
+    args.model_filter = args.model
+    if args.smoke:
+        args.table = args.table or "smoke"
+        args.model = args.model or "tiny"
+        args.min_rounds = min(args.min_rounds, 4)
+        args.max_rounds = min(args.max_rounds, 8)
+        args.round_s = 0.0 if args.round_s is None else args.round_s
+    args.table = args.table or ("gpu" if args.device == "cuda" else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.metric = args.metric or ("wall" if args.device == "cuda" else "cpu")
+    if args.round_s is None:
+        args.round_s = 0.3 if args.device == "cuda" else 1.0
+    if args.reserve_s is None:
+        args.reserve_s = 45.0 if (args.profile and args.device == "cuda") else 15.0
+    names = args.workloads.split(",") if args.workloads else list(ROUND_WORKLOADS[args.table])
+    unknown = [n for n in names if n not in ROUND_WORKLOADS[args.table]]
+    if unknown:
+        p.error(f"unknown workloads {unknown} for table {args.table} ({', '.join(ROUND_WORKLOADS[args.table])})")
+    args.workloads = names
+    if args.checkpoint is not None:
+        args.checkpoint = args.checkpoint.expanduser()
+        config = json.loads((args.checkpoint / "config.json").read_text())
+        args.vocab_size = config["vocab_size"]
+        args.model_name = args.model or args.checkpoint.name
+    else:
+        args.model = args.model or "1b"
+        if args.model not in MODELS:
+            p.error(f"unknown model {args.model} ({', '.join(MODELS)})")
+        args.vocab_size = MODELS[args.model]["vocab_size"]
+        args.model_name = args.model
+    longest = max(w.input_len + w.output_len for w in (ROUND_WORKLOADS[args.table][n] for n in names))
+    args.max_model_len = args.max_model_len or max(512, -(-(longest + 16) // 128) * 128)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.report_only:
+        found = False
+        for path in sorted(args.out.glob("interleaved-*.json")):
+            data = load(path)
+            for inv in data["invocations"]:
+                if args.model_filter in (None, inv["model"]) and inv["device"] == args.device:
+                    print(report(inv, args.target) + "\n", flush=True)
+                    found = True
+        if not found:
+            print(f"no {args.device} invocations in {args.out}/interleaved-*.json", flush=True)
+        return 0
+    args.checkpoint = _checkpoint(args)
+    return Comparison(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

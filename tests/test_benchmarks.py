@@ -1,0 +1,82 @@
+"""The interleaved speed comparison (benchmarks/interleaved.py) on the CPU engine: its statistics, and one
+smoke run end to end (two long-lived engines, rounds in both orders, step phases, operator profiles).
+
+What it measures is not asserted (CPU timings of a tiny model on a shared host say nothing about speed);
+that every part of the instrument runs and records what it claims to, is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import interleaved  # noqa: E402
+
+
+def _round(order: str, native: float, backend: float) -> dict:
+    return {"order": order, "native": {"wall_s": native, "cpu_s": native}, "backend": {"wall_s": backend, "cpu_s": backend}}
+
+
+def test_ratio_statistics():
+    rounds = [_round("native first" if i % 2 else "backend first", 1.0 + 0.01 * (i % 5), 1.0) for i in range(40)]
+    stats = interleaved.ratio_stats(rounds, target=0.03)
+    assert stats["rounds"] == 40 and stats["median"] == pytest.approx(1.02)
+    low, high = stats["interval"]
+    assert 1.0 <= low <= stats["median"] <= high <= 1.04
+    assert stats["resolved"]  # a spread of +/-2% resolves a 3% target
+    assert stats["per_order"]["native first"]["rounds"] == stats["per_order"]["backend first"]["rounds"] == 20
+    assert stats["total_ratio"] == pytest.approx(sum(1.0 + 0.01 * (i % 5) for i in range(40)) / 40)
+    noisy = [_round("native first", 1.0 + (0.5 if i % 2 else -0.4), 1.0) for i in range(40)]
+    assert not interleaved.ratio_stats(noisy, target=0.03)["resolved"]
+    assert interleaved.ratio_stats(rounds[:3], 0.03)["interval"] is None  # too few rounds for an interval
+
+
+def test_bootstrap_interval_covers_the_median():
+    values = [float(v) for v in range(1, 102)]
+    low, high = interleaved.bootstrap_interval(values)
+    assert low < 51 < high and high - low < 30
+
+
+def test_smoke_run_end_to_end(checkpoints, tmp_path):
+    """Both engines on a tiny Qwen2 (q/k/v biases, tied head), the smoke workloads, profiles at the end."""
+    path = checkpoints("qwen2")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "interleaved.py"), "--device", "cpu", "--smoke", "--checkpoint",
+           str(path), "--model", "tiny-qwen2", "--workloads", "decode,prefill", "--profile", "--profile-steps", "1",
+           "--out", str(tmp_path), "--quiet", "--budget-s", "240"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "interleaved-tiny-qwen2-cpu.json").read_text())
+    (inv,) = data["invocations"]
+    assert inv["engines"]["vllm"]["model_class"] == "Qwen2ForCausalLM"
+    assert inv["engines"]["transformers"]["model_class"] == "TransformersForCausalLM"
+    assert inv["engines"]["vllm"]["weight_bytes"] == inv["engines"]["transformers"]["weight_bytes"]
+    assert inv["host"]["git_commit"] and inv["command"].endswith("--budget-s 240")
+    for name in ("decode", "prefill"):
+        result = inv["workloads"][name]
+        rounds = result["rounds"]
+        assert len(rounds) >= 4 and result["mismatched_rounds"] == 0
+        assert {r["order"] for r in rounds} == {"native first", "backend first"}
+        for r in rounds:
+            for side in ("native", "backend"):
+                assert r[side]["cpu_s"] > 0 and r[side]["wall_s"] > 0 and 1 <= r[side]["steps"] <= r["k"]
+            assert r["native"]["tokens"] == r["backend"]["tokens"] and r["ratio"] > 0
+        assert result["stats"]["metric"] == "cpu" and result["stats"]["median"] > 0
+        for impl in ("vllm", "transformers"):
+            steps = result["steps"][impl]
+            assert {"prefill", "decode"} <= set(steps)
+            decode = steps["decode"]
+            assert decode["forward_ms"] > 0 and decode["schedule_ms"] > 0 and decode["sample_ms"] > 0
+            assert decode["device_forward_ms"] is None  # the CPU engine: host timers only
+        assert all(v > 0 for v in result["ttft_s"].values())
+    profiles = {(p["impl"], p["label"]): p for p in inv["profiles"]}
+    assert {impl for impl, _ in profiles} == {"vllm", "transformers"} and len(profiles) >= 4
+    assert all(p["host_ops_per_step"] > 0 and p["host_ops"] for p in profiles.values())
+    assert "backend/native" in proc.stdout and "| decode |" in proc.stdout

@@ -68,8 +68,8 @@ class AttentionContext:
         self.kv_caches = kv_caches
         self.attn_metadata = attn_metadata
         self.start_layer = start_layer
-        #: This step's rotary table for vLLM's kernel (see rotary.py), built by the first layer.
-        self.rotary: Any = None
+        #: This step's rotary tables for vLLM's kernel by ``id(cos)`` (see rotary.py).
+        self.rotary: Dict[int, Any] = {}
         #: The model's rotary state (rotary.py): the modeling modules whose rotation runs through vLLM's kernel
         #: in this model's forward. None: not scoped to a model (a bare context, as in the kernel tests).
         self.rotary_modules = rotary_modules
@@ -92,6 +92,19 @@ def attention_context(ctx: AttentionContext) -> Iterator[AttentionContext]:
         yield ctx
     finally:
         _ACTIVE = previous
+
+
+def token_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[1, heads, tokens, head_dim]`` as a ``[tokens, heads * head_dim]`` view without a copy, when each
+    token's heads lie side by side in memory and rows do not overlap (HF's ``view(...).transpose(1, 2)`` of
+    a projection output, also a slice of a fused one); else None. One ``as_strided`` instead of a transpose,
+    a reshape and their aliases: host time per layer."""
+    if x.dim() != 4 or x.shape[0] != 1:
+        return None
+    _, heads, tokens, dim = x.shape
+    if x.stride(3) != 1 or (heads > 1 and x.stride(1) != dim) or (tokens > 1 and x.stride(2) < heads * dim):
+        return None
+    return x.as_strided((tokens, heads * dim), (x.stride(2) if tokens > 1 else heads * dim, 1))
 
 
 def vllm_attention_forward(
@@ -133,7 +146,11 @@ def vllm_rows(x: torch.Tensor) -> torch.Tensor:
     ``heads * head_dim`` values of a row are contiguous: the kernels index inside a row by pointer, and
     ``view(-1, heads, head_dim)`` in the backends keeps any other inner stride, which the kernels would
     misread without an error. Anything else (heads apart in memory, a strided last dimension,
-    overlapping rows) is copied into that layout."""
+    overlapping rows) is copied into that layout. The common case, HF's ``view(...).transpose(1, 2)`` of a
+    projection output, is one view (:func:`token_rows`: fewer host operators per layer)."""
+    rows = token_rows(x)
+    if rows is not None:
+        return rows
     rows = x.transpose(1, 2).reshape(x.shape[-2], -1)
     if rows.stride(-1) == 1 and (rows.shape[0] <= 1 or rows.stride(0) >= rows.shape[-1]):
         return rows

@@ -132,7 +132,8 @@ class Base(nn.Module):
         head_size = self.bundle.model_config.get_head_size()
         build = Build(self.model, self.device, tp_size=self.tp_size, quant_config=self.quant_config,
                       head_size=head_size, num_layers=self.text_config.num_hidden_layers, is_encoder=self.is_encoder,
-                      prefix=self._checkpoint_prefix, owner=self, dtype=self.dtype)
+                      prefix=self._checkpoint_prefix, owner=self, dtype=self.dtype,
+                      max_positions=self.bundle.model_config.max_model_len)
         self.moe, moe_report = self._prepare_moe(build)
         self._replace_modules()
         self.speed_passes: List[PassReport] = [moe_report] + run_speed_passes(build)

@@ -147,7 +147,8 @@ def runs_vllm_activation_kernels(device: torch.device) -> bool:
 
 def has_vllm_gpu_kernels(device: torch.device) -> bool:
     """Whether vLLM's CUDA kernels (``vllm._C``) serve this device: the backend then calls them directly
-    for speed (rotary embedding) where HF would run many small PyTorch kernels."""
+    for speed (rotary embedding) where HF would run many small PyTorch kernels (also on vLLM's CPU build,
+    :func:`has_vllm_cpu_kernels`, whose ``vllm._C`` has the same rotary op)."""
     return torch.device(device).type == "cuda"
 
 
@@ -173,3 +174,10 @@ def captures_graphs(device: torch.device) -> bool:
     """Whether vLLM captures CUDA graphs on this device unless ``enforce_eager`` (its CPU and other
     executors always run eagerly)."""
     return torch.device(device).type == "cuda"
+
+
+def is_capturing_graph(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is recording a graph (CUDA graphs): no synchronising then."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_current_stream_capturing()
+    return False

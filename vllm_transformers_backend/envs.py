@@ -14,8 +14,9 @@ Switches (all on by default; ``0``/``false``/``no``/``off`` turn one off, any ot
   vLLM's), ``..._FUSE`` (q/k/v and gate/up as one GEMM each; ``0`` also turns off the passes built on
   fused layers and the residual fusion, as it always did), ``..._FUSE_GLU`` (gated MLP activation as one
   kernel), ``..._FUSE_RESIDUAL`` (residual adds in vLLM's add-and-norm kernel), ``..._FUSED_ROTARY``
-  (HF's rotation through vLLM's kernel: ``1`` where vLLM's GPU kernels run, ``all`` also elsewhere,
-  e.g. the CPU build in tests, ``0`` never), ``..._MOE`` (mixture-of-experts blocks' experts as vLLM's
+  (HF's rotation through vLLM's kernel: ``1`` where ``vllm._C`` serves the device, CUDA and vLLM's CPU
+  build, ``all`` also elsewhere, ``0`` never), ``..._ROTARY_TABLE`` (static rotary modules' cos/sin from
+  a table computed once), ``..._MOE`` (mixture-of-experts blocks' experts as vLLM's
   ``FusedMoE``: ``auto`` where vLLM's fused MoE kernel runs, ``fused`` also elsewhere, its arithmetic in
   PyTorch, as the CPU tests run it, ``hf`` or ``0`` never: HF's expert code);
 * ``VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW``: sliding-window layers on FlashAttention run vLLM's flash
@@ -70,11 +71,13 @@ environment_variables: Dict[str, Callable[[], Any]] = {
     "VLLM_TRANSFORMERS_BACKEND_FUSE_GLU": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FUSE_GLU", True),
     # Speed pass residual: pre-norm layers' residual adds inside vLLM's fused add-and-norm.
     "VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL", True),
-    # Speed pass rotary: "1" where vLLM's GPU kernels run, "all" everywhere vllm._C has the op, "0" never.
+    # Speed pass rotary: "1" where vllm._C serves the device (CUDA, vLLM's CPU build), "all" on any device, "0" never.
     "VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY": lambda: _rotary("VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY"),
     # Speed pass moe: "auto" where vLLM's fused MoE kernel runs, "fused" everywhere (its arithmetic in PyTorch
     # where the kernel does not run), "hf" (or 0) never: each block keeps HF's expert code.
     "VLLM_TRANSFORMERS_BACKEND_MOE": lambda: _choice("VLLM_TRANSFORMERS_BACKEND_MOE", ("auto", "hf", "fused"), "hf"),
+    # Speed pass rotary_table: position-only rotary modules answer cos/sin from a table computed once.
+    "VLLM_TRANSFORMERS_BACKEND_ROTARY_TABLE": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_ROTARY_TABLE", True),
     # Sliding-window layers on FlashAttention: vLLM's flash kernel with the layer's window (0: the backend's
     # gathered window attention instead; windowed_attention.py).
     "VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FLASH_WINDOW", True),

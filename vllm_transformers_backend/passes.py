@@ -2,10 +2,11 @@
 
 Decode step: these replacements are what makes the HF code run like vLLM's own
 model (see README "Layout"): vLLM RMS norms (:mod:`.layers`), q/k/v and gate/up as one GEMM each and the
-gated MLP's activation as one kernel (:mod:`.fusion`), the rotation through vLLM's rotary kernel
-(:mod:`.rotary`), the residual adds inside vLLM's fused add-and-norm (:mod:`.residual`); and, first, before
-the backend swaps HF's linears for vLLM's, mixture-of-experts blocks' experts as one ``FusedMoE`` each
-(:mod:`.moe`; ``before_linears``: the experts it takes must not become per-expert vLLM linears).
+gated MLP's activation as one kernel (:mod:`.fusion`), the rotation through vLLM's rotary kernel and
+cos/sin from a table computed once (:mod:`.rotary`), the residual adds inside vLLM's fused add-and-norm
+(:mod:`.residual`); and, first, before the backend swaps HF's linears for vLLM's, mixture-of-experts blocks'
+experts as one ``FusedMoE`` each (:mod:`.moe`; ``before_linears``: the experts it takes must not become
+per-expert vLLM linears).
 
 A pass (:class:`SpeedPass`) says, in this order:
 
@@ -54,6 +55,8 @@ class Build:
     num_layers: int = 0
     is_encoder: bool = False
     prefix: str = "model"
+    #: The engine's position limit (``max_model_len``): how many positions a table computed once must hold.
+    max_positions: int = 0
     #: The backend model being built: process-wide replacements are held for it (:mod:`.runtime`).
     owner: Any = None
     #: The dtype new vLLM layers take (None: the ambient default, which vLLM sets to the model's).
@@ -190,9 +193,10 @@ def speed_passes() -> Tuple[SpeedPass, ...]:
     from .layers import RmsNormPass
     from .moe import FusedExperts
     from .residual import ResidualFusion
-    from .rotary import RotaryKernel
+    from .rotary import RotaryKernel, RotaryTable
 
-    return (FusedExperts(), RmsNormPass(), ProjectionFusion(), GluFusion(), RotaryKernel(), ResidualFusion())
+    return (FusedExperts(), RmsNormPass(), ProjectionFusion(), GluFusion(), RotaryKernel(), RotaryTable(),
+            ResidualFusion())
 
 
 def run_speed_passes(build: Build) -> List[PassReport]:

@@ -67,6 +67,10 @@ def speed_paths(model: torch.nn.Module) -> Set[str]:
     if moe and all(isinstance(p.block.module._modules[p.block.experts_attr], HFFusedMoE)
                    and p.block.module._modules[p.block.experts_attr].uses_kernel for p in moe.plans):
         paths.add("fused_moe")
+    from vllm_transformers_backend.rotary import rotary_table
+
+    if any(rotary_table(m) is not None and rotary_table(m).kernel is not None for m in modules):
+        paths.add("rotary_table")  # cos/sin and the kernel's table computed once, at the profiling run
     return paths
 
 

@@ -49,7 +49,8 @@ class EngineWorker:
         self.llm = LLM(model=str(args.checkpoint), model_impl=args.impl, dtype=args.dtype, device=args.device,
                        skip_tokenizer_init=True, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                        max_seq_len_to_capture=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                       gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
+                       gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
+                       **({"load_format": args.load_format} if args.load_format else {}))
         self.start_s = time.perf_counter() - start
         start_cpu_s = time.process_time() - cpu_start
         self.engine = self.llm.llm_engine
@@ -62,7 +63,8 @@ class EngineWorker:
             "start_cpu_s": start_cpu_s,
             "weight_bytes": parameter_bytes(runner.model),
             "loaded_bytes": getattr(runner, "model_memory_usage", None),  # vLLM's "Loading model weights took"
-            "engine": {"max_model_len": args.max_model_len, "enforce_eager": self.engine.model_config.enforce_eager,
+            "engine": {"max_model_len": args.max_model_len, "load_format": args.load_format or "auto",
+                       "enforce_eager": self.engine.model_config.enforce_eager,
                        "gpu_memory_utilization": args.gpu_memory_utilization,
                        "num_gpu_blocks": self.engine.cache_config.num_gpu_blocks,
                        "max_num_seqs": self.engine.scheduler_config.max_num_seqs,
@@ -207,6 +209,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--load-format", default=None)
     parser.add_argument("--cmd-fd", type=int, required=True)
     parser.add_argument("--result-fd", type=int, required=True)
     args = parser.parse_args(argv)

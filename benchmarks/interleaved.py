@@ -87,6 +87,12 @@ def ratio_stats(rounds: List[Dict[str, Any]], target: float, metric: str = "wall
                         for order, v in by_order.items()}
     pairs = [(r["native"][key], r["backend"][key]) for r in rounds if r["backend"][key] > 0 and r["native"][key] > 0]
     out["total_ratio"] = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
+    kinds: Dict[str, List[float]] = {}
+    for r in rounds:
+        if r["backend"][key] > 0 and r["native"][key] > 0:
+            kind = r["native"].get("kinds", ["?"])
+            kinds.setdefault(kind[0] if len(kind) == 1 else "mixed", []).append(r["native"][key] / r["backend"][key])
+    out["per_kind"] = {k: {"rounds": len(v), "median": statistics.median(v)} for k, v in kinds.items()}
     if len(ratios) >= 4:
         out["interval"] = bootstrap_interval(ratios)
         out["total_interval"] = bootstrap_interval(pairs, lambda sample: sum(a for a, _ in sample) / sum(b for _, b in sample))
@@ -208,9 +214,9 @@ def _round_entry(reply: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class Comparison:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, t0: float) -> None:
         self.args = args
-        self.t0 = time.monotonic()
+        self.t0 = t0  # the invocation's start: --budget-s counts the checkpoint build too
         self.children: Dict[str, Child] = {}
         self.results_path = args.out / f"interleaved-{args.model_name}-{args.device}.json"
         self.invocation: Dict[str, Any] = {
@@ -257,6 +263,8 @@ class Comparison:
                 "--max-num-seqs", str(a.max_num_seqs), "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
         if a.enforce_eager:
             argv.append("--enforce-eager")
+        if a.load_format:
+            argv += ["--load-format", a.load_format]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         if a.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -378,22 +386,27 @@ class Comparison:
         if "small" in workloads:
             plans.append((f"decode steps (batch {workloads['small'].prompts})", workloads["small"], -1,
                           self.args.profile_steps))
+        if "long" in workloads:
+            plans.append(("long-prompt prefill step", workloads["long"], 0, 1))
         from profile_step import format_table
 
-        for label, w, skip, n in plans:
-            if self.left() <= self.args.reserve_s / 2:
-                self.log(f"profile of {label} skipped: budget")
-                break
-            if skip < 0:  # past the prefill steps: as many steps as prefills need (max_num_batched_tokens)
-                engine = self.invocation["engines"]["vllm"]["engine"]
-                per_step = max(1, engine["max_num_batched_tokens"] // max(1, w.input_len))
-                skip = -(-w.prompts // min(per_step, engine["max_num_seqs"])) + 2
-            replies = self.both({"cmd": "profile", "workload": w.to_dict(), "skip": skip, "steps": n, "label": label,
-                                 "top": self.args.profile_top})
-            for impl in IMPLS:
-                table = {k: v for k, v in replies[impl].items() if k != "ok"}
-                self.invocation["profiles"].append({"impl": impl, **table})
-                print(format_table(f"{LABEL[impl]}: {label} ({', '.join(table['kinds'])})", table), flush=True)
+        # Each plan in both orders (the device's clocks drift too: one profile per engine would compare moments).
+        for repeat, order in enumerate((IMPLS, IMPLS[::-1])):
+            for label, w, skip, n in plans:
+                if self.left() <= self.args.reserve_s / 2:
+                    self.log(f"profile of {label} skipped: budget")
+                    return
+                if skip < 0:  # past the prefill steps: as many steps as prefills need (max_num_batched_tokens)
+                    engine = self.invocation["engines"]["vllm"]["engine"]
+                    per_step = max(1, engine["max_num_batched_tokens"] // max(1, w.input_len))
+                    skip = -(-w.prompts // min(per_step, engine["max_num_seqs"])) + 2
+                replies = self.both({"cmd": "profile", "workload": w.to_dict(), "skip": skip, "steps": n,
+                                     "label": label, "top": self.args.profile_top}, order)
+                for impl in IMPLS:
+                    table = {k: v for k, v in replies[impl].items() if k != "ok"}
+                    self.invocation["profiles"].append({"impl": impl, "repeat": repeat, **table})
+                    if repeat == 0:
+                        print(format_table(f"{LABEL[impl]}: {label} ({', '.join(table['kinds'])})", table), flush=True)
 
     # -- the whole run --------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -459,7 +472,9 @@ def describe_workload(name: str, result: Dict[str, Any], target: float) -> str:
     text = (f"{name}: backend/native by {s.get('metric', 'wall')} time {_fmt_ratio(s['median'], s['interval'])} (median of "
             f"{s['rounds']} rounds, "
             f"{orders['native first']['rounds']} native first / {orders['backend first']['rounds']} backend first), "
-            f"total-time ratio {_fmt_ratio(s['total_ratio'], s['total_interval'])}; stopped: {result['stop']}")
+            f"total-time ratio {_fmt_ratio(s['total_ratio'], s['total_interval'])}; rounds of one kind: "
+            + ", ".join(f"{k} {v['median']:.3f} ({v['rounds']})" for k, v in s.get("per_kind", {}).items())
+            + f"; stopped: {result['stop']}")
     if not s["resolved"]:
         width = "unknown" if s["half_width"] is None else f"+/-{100 * s['half_width']:.1f}%"
         text += (f"\n  NOTE: the 95% interval ({width}) is wider than +/-{100 * target:.0f}%: this run cannot tell "
@@ -504,7 +519,8 @@ def report(inv: Dict[str, Any], target: float) -> str:
                      f"{_fmt_ratio(s['median'], s['interval'])} | {_fmt_ratio(s['total_ratio'], s['total_interval'])} | "
                      f"{r['tok_s']['native'] or 0:.1f} | {r['tok_s']['backend'] or 0:.1f} | "
                      f"{'yes' if s['resolved'] else 'NO'} |")
-    lines += ["", "Per step (medians, ms; host phases exclusive; dev = device span):", "",
+    suffix = "_cpu" if metric == "cpu" else ""
+    lines += ["", f"Per step (medians, ms; host phases by {metric} time, exclusive; dev = device span):", "",
               "| workload | kind | engine | steps | seqs | wall | cpu | schedule | prepare | forward | logits | sample | "
               "process | other | dev fwd | dev sample |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -518,9 +534,10 @@ def report(inv: Dict[str, Any], target: float) -> str:
                 row = r["steps"][impl].get(kind)
                 if row:
                     lines.append(f"| {name} | {kind} | {LABEL[impl]} | {row['steps']} | {row['seqs']:.0f} | "
-                                 + " | ".join(ms(row.get(f"{p}_ms")) for p in ("wall", "cpu", "schedule", "prepare", "forward",
-                                                                           "logits", "sample", "process", "other",
-                                                                           "device_forward", "device_sample")) + " |")
+                                 + " | ".join(ms(row.get(f"{p}_ms")) for p in (
+                                     "wall", "cpu", *(f"{phase}{suffix}" for phase in (
+                                         "schedule", "prepare", "forward", "logits", "sample", "process", "other")),
+                                     "device_forward", "device_sample")) + " |")
     latency = [(name, r) for name, r in inv["workloads"].items() if r.get("ttft_s")]
     if latency:
         lines += ["", f"Latency by {metric} time: time to first token (the steps up to the one that sampled the last "
@@ -534,11 +551,17 @@ def report(inv: Dict[str, Any], target: float) -> str:
                          f"{ms(ttft['backend'] and ttft['backend'] * 1000)} | {ms(tpot['vllm'])} | "
                          f"{ms(tpot['transformers'])} |")
     if inv.get("profiles"):
-        lines += ["", "| profile | engine | kernels/step | device ms/step | host aten ops/step |", "|---|---|---:|---:|---:|"]
+        lines += ["", "Profiles (torch.profiler inside the running engines; each in both orders):", "",
+                  "| profile | engine | kernels/step | device ms/step (each profile) | host aten ops/step |",
+                  "|---|---|---:|---|---:|"]
+        grouped: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
         for p in inv["profiles"]:
-            kernels = p.get("kernels_per_step")
-            lines.append(f"| {p['label']} | {LABEL[p['impl']]} | {'-' if kernels is None else f'{kernels:.0f}'} | "
-                         f"{ms(p.get('device_ms_per_step'))} | {p['host_ops_per_step']:.0f} |")
+            grouped.setdefault((p["label"], p["impl"]), []).append(p)
+        for (label, impl), group in grouped.items():
+            kernels = group[0].get("kernels_per_step")
+            device = ", ".join(ms(p.get("device_ms_per_step")) for p in group)
+            lines.append(f"| {label} | {LABEL[impl]} | {'-' if kernels is None else f'{kernels:.0f}'} | {device} | "
+                         f"{group[0]['host_ops_per_step']:.0f} |")
     for f in inv.get("failures", []):
         lines.append(f"\nnot completed: {f}")
     return "\n".join(lines)
@@ -569,6 +592,12 @@ def _checkpoint(args: argparse.Namespace) -> Path:
     process never initialises the device)."""
     if args.checkpoint is not None:
         return args.checkpoint
+    if args.load_format == "dummy":  # vLLM draws the weights itself: the config is all it reads
+        from bench_specs import hf_config
+
+        path = args.checkpoint_dir / f"{args.model}-config"
+        hf_config(args.model, args.dtype).save_pretrained(path)
+        return path
     path = args.checkpoint_dir / f"{args.model}-{args.dtype}"
     if not checkpoint_ready(path, args.model, args.dtype):
         print(f"building the {args.model} checkpoint at {path}", flush=True)
@@ -605,6 +634,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None, help="default: the longest workload, rounded up")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--load-format", default=None, choices=["dummy"], help="dummy: vLLM's own random weights "
+                   "(uniform +/-1e-3, no checkpoint to write and read: saves minutes for the 8B shape); start times "
+                   "then leave out weight loading")
     p.add_argument("--profile", action="store_true", help="kernel/op tables of a prefill and decode steps at the end")
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--profile-top", type=int, default=25)
@@ -649,6 +681,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    t0 = time.monotonic()
     args = parse_args(argv)
     if args.report_only:
         found = False
@@ -662,7 +695,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"no {args.device} invocations in {args.out}/interleaved-*.json", flush=True)
         return 0
     args.checkpoint = _checkpoint(args)
-    return Comparison(args).run()
+    return Comparison(args, t0).run()
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ the vLLM package is patched), the calls one ``LLMEngine.step()`` makes in vLLM 0
 * ``other``: the rest of ``step()`` and of the executor/worker between those calls.
 
 Times are exclusive (a phase nested in another is subtracted from it), so the phases of a step add up to
-its wall time; ``cpu`` is the process's CPU time over the step (all its threads; on a shared host it leaves
-out the time other tenants held the cores). On CUDA, events around ``forward``, ``logits`` and ``sample`` give the device span of each
+its wall time; ``cpu`` is the process's CPU time over the step and ``<phase>_cpu`` each phase's (all its
+threads; on a shared host CPU time leaves out the time other tenants held the cores). On CUDA, events around ``forward``, ``logits`` and ``sample`` give the device span of each
 (read after the round, so no extra synchronisation happens inside a step). A span runs from the device
 reaching the start event to reaching the end one: for an eager forward it includes the device waiting for
 the host to launch kernels, so a span close to the host time of the same phase says the host was the limit. On the CPU the host
@@ -68,16 +68,19 @@ class StepTimer:
             if self._current is None or not self.enabled:
                 return fn(*args, **kwargs)
             start_event = self._event() if device else None
-            self._stack.append([phase, time.perf_counter(), 0.0])
+            self._stack.append([phase, time.perf_counter(), 0.0, time.process_time(), 0.0])
             try:
                 result = fn(*args, **kwargs)
             finally:
-                name, start, nested = self._stack.pop()
+                name, start, nested, cpu_start, cpu_nested = self._stack.pop()
                 elapsed = time.perf_counter() - start
+                cpu = time.process_time() - cpu_start
                 record = self._current
                 record[name] = record.get(name, 0.0) + elapsed - nested
+                record[f"{name}_cpu"] = record.get(f"{name}_cpu", 0.0) + cpu - cpu_nested
                 if self._stack:
                     self._stack[-1][2] += elapsed
+                    self._stack[-1][4] += cpu
             if start_event is not None:
                 self._events.append((record, phase, start_event, self._event()))
             if after is not None:
@@ -122,6 +125,7 @@ class StepTimer:
             self._stack.clear()
         record["wall"] = wall
         record["other"] = wall - sum(record.get(p, 0.0) for p in PHASES if p != "other")
+        record["other_cpu"] = record["cpu"] - sum(record.get(f"{p}_cpu", 0.0) for p in PHASES if p != "other")
         tokens, decode_seqs = record.get("tokens", 0), record.get("seqs", 0) - record.get("prefill_groups", 0)
         record["kind"] = ("idle" if not tokens else "prefill" if not decode_seqs else
                           "decode" if not record.get("prefill_groups") else "mixed")
@@ -158,7 +162,8 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     for kind, group in by_kind.items():
         row: Dict[str, Any] = {"steps": len(group), "seqs": statistics.median(r.get("seqs", 0) for r in group),
                                "tokens": statistics.median(r.get("tokens", 0) for r in group)}
-        for key in ("wall", "cpu", *PHASES, "device_forward", "device_logits", "device_sample"):
+        for key in ("wall", "cpu", *PHASES, *(f"{p}_cpu" for p in PHASES), "device_forward", "device_logits",
+                    "device_sample"):
             values = [r[key] for r in group if r.get(key) is not None]
             row[f"{key}_ms"] = statistics.median(values) * 1000.0 if values else None
         out[kind] = row

@@ -483,8 +483,12 @@ def describe_workload(name: str, result: Dict[str, Any], target: float) -> str:
 
 
 def report(inv: Dict[str, Any], target: float) -> str:
-    lines = [f"## {inv['model']} on {inv['device']} ({(inv['host'] or {}).get('gpus') or inv['device']}), "
-             f"{inv['date']}, commit {(inv['host'] or {}).get('git_commit', '?')[:10]}", ""]
+    host = inv.get("host") or {}
+    lines = [f"## {inv['model']} on {host.get('gpus') or inv['device']}, {inv['date']}, commit "
+             f"{(host.get('git_commit') or '?')[:10]}{' (with uncommitted changes)' if host.get('git_dirty') else ''}",
+             ""]
+    if inv.get("note"):
+        lines += [f"Note: {inv['note']}", ""]
     engines = inv["engines"]
     if engines:
         lines += ["| engine | LLM() start s (CPU s) | weights GiB | loaded GiB | KV blocks | CUDA graphs |",

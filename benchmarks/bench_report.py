@@ -16,17 +16,39 @@ _MODEL_ORDER = {"tiny": 0, "1b": 1, "8b": 2, "tiny-moe": 3, "mixtral-moe": 4, "q
 _WORKLOAD_ORDER = {"decode": 0, "prefill": 1}
 
 
-def load(path: Path) -> Dict[str, Any]:
+def load(path: Path, fresh=None) -> Dict[str, Any]:
+    """The results file at ``path``, or a new one (``fresh()``, default: the throughput benchmark's)."""
     if path.is_file():
         data = json.loads(path.read_text())
         if data.get("schema") == SCHEMA:
             return data
-        raise SystemExit(f"{path} has schema {data.get('schema')}, expected {SCHEMA}: pass --fresh to start over")
-    return empty()
+        raise SystemExit(f"{path} has schema {data.get('schema')}, expected {SCHEMA}: pass --fresh or another --out")
+    return (fresh or empty)()
 
 
 def empty() -> Dict[str, Any]:
     return {"schema": SCHEMA, "invocations": [], "checkpoints": {}, "runs": [], "failures": []}
+
+
+def host_info() -> Dict[str, Any]:
+    """Where an invocation ran: platform, Python, load average, git commit (and whether tracked files had
+    uncommitted changes), GPUs."""
+    import platform
+    import subprocess
+
+    here = str(Path(__file__).resolve().parent)
+    info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    for key, cmd in (("git_commit", ["git", "-C", here, "rev-parse", "HEAD"]),
+                     ("git_dirty", ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"]),
+                     ("gpus", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            info[key] = out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            info[key] = None
+    info["git_dirty"] = bool(info.get("git_dirty"))
+    return info
 
 
 def save(path: Path, data: Dict[str, Any]) -> None:

@@ -53,11 +53,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_report  # noqa: E402
 from bench_specs import MODELS, ROUND_WORKLOADS, Workload, checkpoint_ready  # noqa: E402
 
 IMPLS = ("vllm", "transformers")  # native, backend
 LABEL = {"vllm": "native", "transformers": "backend"}
-SCHEMA = 1
 _NOISE = ("Using None for EOS token id because tokenizer is not initialized",)
 
 
@@ -224,7 +224,7 @@ class Comparison:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join([Path(sys.executable).name, *sys.argv]),
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "host": _host_info(), "model": args.model_name, "device": args.device,
+            "host": bench_report.host_info(), "model": args.model_name, "device": args.device,
             "engines": {}, "workloads": {}, "profiles": [], "failures": []}
         signal.signal(signal.SIGTERM, self._terminate)
 
@@ -249,10 +249,7 @@ class Comparison:
         data = load(self.results_path)
         data["invocations"] = [i for i in data["invocations"] if i["id"] != self.invocation["id"]]
         data["invocations"].append(self.invocation)
-        self.results_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.results_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str))
-        os.replace(tmp, self.results_path)
+        bench_report.save(self.results_path, data)
 
     # -- engines --------------------------------------------------------------------------------------------
     def spawn(self, impl: str) -> None:
@@ -449,12 +446,7 @@ class Comparison:
 
 
 def load(path: Path) -> Dict[str, Any]:
-    if path.is_file():
-        data = json.loads(path.read_text())
-        if data.get("schema") == SCHEMA:
-            return data
-        raise SystemExit(f"{path} has schema {data.get('schema')}, expected {SCHEMA}")
-    return {"schema": SCHEMA, "invocations": []}
+    return bench_report.load(path, fresh=lambda: {"schema": bench_report.SCHEMA, "invocations": []})
 
 
 def _fmt_ratio(value: Optional[float], interval: Optional[Sequence[float]] = None) -> str:
@@ -572,23 +564,6 @@ def report(inv: Dict[str, Any], target: float) -> str:
 
 
 # --- set-up ----------------------------------------------------------------------------------------------
-
-
-def _host_info() -> Dict[str, Any]:
-    import platform
-
-    info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    for key, cmd in (("git_commit", ["git", "-C", str(HERE), "rev-parse", "HEAD"]),
-                     ("git_dirty", ["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"]),
-                     ("gpus", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])):
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-            info[key] = out.stdout.strip() if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            info[key] = None
-    info["git_dirty"] = bool(info.get("git_dirty"))
-    return info
 
 
 def _checkpoint(args: argparse.Namespace) -> Path:

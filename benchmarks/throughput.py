@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import shlex
 import signal
@@ -71,7 +70,7 @@ class Orchestrator:
         self.invocation = {"id": uuid.uuid4().hex[:8], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
             "options": vars(args),
-            "host": _host_info(), "env": None}
+            "host": bench_report.host_info(), "env": None}
         self.data["invocations"].append(self.invocation)
         self.proc: Optional[subprocess.Popen] = None
         signal.signal(signal.SIGTERM, self._terminate)
@@ -262,18 +261,6 @@ def _parse(line: str) -> Optional[Dict[str, Any]]:
         return json.loads(line[len(RESULT_PREFIX):])
     except ValueError:
         return None
-
-
-def _host_info() -> Dict[str, Any]:
-    info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
-    for key, cmd in (("git_commit", ["git", "-C", str(HERE), "rev-parse", "HEAD"]),
-                     ("gpus", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])):
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-            info[key] = out.stdout.strip() if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            info[key] = None
-    return info
 
 
 def report(results_path: Path, title: str) -> None:

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 #: Model shapes (random weights: only speed and memory are measured); Llama unless ARCHITECTURE says otherwise.
-#: The 1B shape allows 16k positions so that the interleaved comparison's long-prompt workload (8192 in) fits.
+#: The 1B and 8B shapes allow 16k positions so that the interleaved comparison's long-prompt workload (8192 in
+#: plus 64 out) fits their max_model_len.
 MODELS: Dict[str, Dict[str, Any]] = {
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=16384),
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=16384, rope_theta=500000.0),
     # Qwen2.5-0.5B's shape: q/k/v biases, tied head, head size 64 (runs on the CPU engine too)
     "qwen2": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,

@@ -409,6 +409,7 @@ class Comparison:
     def run(self) -> int:
         a = self.args
         workloads = {name: ROUND_WORKLOADS[a.table][name] for name in a.workloads}
+        status = 0
         try:
             order = (a.first, *[i for i in IMPLS if i != a.first])
             for impl in order:
@@ -425,21 +426,23 @@ class Comparison:
                     continue
                 self.invocation["workloads"][name] = self.run_workload(workloads[name], share, offset=i)
                 self.save()
-            if a.profile:
-                self.profile(workloads)
-                self.save()
         except ChildError as exc:
             self.log(f"FAILED: {exc}")
             self.invocation["failures"].append({"reason": str(exc)})
-            self.save()
-            return 1
+            status = 1
+        try:
+            if a.profile and status == 0:
+                self.profile(workloads)  # after the comparison: a profiler failure must not cost its results
+        except ChildError as exc:
+            self.log(f"profile FAILED: {exc}")
+            self.invocation["failures"].append({"reason": f"profile: {exc}"})
         finally:
             for child in self.children.values():
                 child.close()
         self.save()
         print("\n" + report(self.invocation, a.target), flush=True)
         self.log(f"results: {self.results_path}")
-        return 0
+        return status
 
 
 # --- reporting -------------------------------------------------------------------------------------------
@@ -516,10 +519,11 @@ def report(inv: Dict[str, Any], target: float) -> str:
                      f"{r['tok_s']['native'] or 0:.1f} | {r['tok_s']['backend'] or 0:.1f} | "
                      f"{'yes' if s['resolved'] else 'NO'} |")
     suffix = "_cpu" if metric == "cpu" else ""
-    lines += ["", f"Per step (medians, ms; host phases by {metric} time, exclusive; dev = device span):", "",
-              "| workload | kind | engine | steps | seqs | wall | cpu | schedule | prepare | forward | logits | sample | "
-              "process | other | dev fwd | dev sample |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", f"Per step (medians, ms; phases by {metric} time, exclusive; host = wall - wait, the host's own "
+              "time; dev = device span):", "",
+              "| workload | kind | engine | steps | seqs | wall | host | cpu | schedule | prepare | forward | logits | "
+              "wait | sample | process | other | dev fwd | dev sample |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ms(v: Optional[float]) -> str:
         return "-" if v is None else f"{v:.2f}"
@@ -531,8 +535,9 @@ def report(inv: Dict[str, Any], target: float) -> str:
                 if row:
                     lines.append(f"| {name} | {kind} | {LABEL[impl]} | {row['steps']} | {row['seqs']:.0f} | "
                                  + " | ".join(ms(row.get(f"{p}_ms")) for p in (
-                                     "wall", "cpu", *(f"{phase}{suffix}" for phase in (
-                                         "schedule", "prepare", "forward", "logits", "sample", "process", "other")),
+                                     "wall", "host", "cpu", *(f"{phase}{suffix}" for phase in (
+                                         "schedule", "prepare", "forward", "logits", "wait", "sample", "process",
+                                         "other")),
                                      "device_forward", "device_sample")) + " |")
     latency = [(name, r) for name, r in inv["workloads"].items() if r.get("ttft_s")]
     if latency:

@@ -6,8 +6,9 @@ the vLLM package is patched), the calls one ``LLMEngine.step()`` makes in vLLM 0
 * ``schedule``: ``Scheduler.schedule``;
 * ``prepare``: the model runner's ``prepare_model_input`` (batch tensors, attention metadata, sampling);
 * ``forward``: the model's forward (eager) or the CUDA-graph runner's (input copies and the replay);
-* ``logits``: ``compute_logits``; ``sample``: ``sample`` (where the host waits for the device: the
-  sampled ids come back to the host there);
+* ``logits``: ``compute_logits``; ``wait``: on CUDA, an explicit synchronisation at the start of ``sample``
+  (vLLM's sampler would block there anyway, copying the sampled ids to the host; after the overlapped output
+  processing has run), so that the host's own time per step is ``wall - wait``; ``sample``: ``sample``;
 * ``process``: ``_process_model_outputs`` (detokenisation is off; stop checks, request outputs), which
   runs inside the next step's ``execute_model`` when vLLM overlaps it (async output processing);
 * ``other``: the rest of ``step()`` and of the executor/worker between those calls.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-PHASES = ("schedule", "prepare", "forward", "logits", "sample", "process", "other")
+PHASES = ("schedule", "prepare", "forward", "logits", "wait", "sample", "process", "other")
 
 
 class StepTimer:
@@ -52,7 +53,20 @@ class StepTimer:
             for graph_runner in runners.values():
                 self._wrap(graph_runner, "forward", "forward", device=True)
         self._wrap(runner.model, "compute_logits", "logits", device=True)
+        sample = runner.model.sample
         self._wrap(runner.model, "sample", "sample", device=True)
+        if self.cuda:
+            import torch
+
+            timed_sample, timed_wait = runner.model.sample, self._timed(torch.cuda.synchronize, "wait")
+
+            def sample_after_wait(*args: Any, **kwargs: Any) -> Any:
+                if self._current is not None and self.enabled:
+                    timed_wait()
+                return timed_sample(*args, **kwargs)
+
+            sample_after_wait.__wrapped__ = sample  # type: ignore[attr-defined]
+            runner.model.sample = sample_after_wait
         self._wrap(engine, "_process_model_outputs", "process")
         # The async output callbacks were bound to the unwrapped method when the engine was built.
         callbacks = getattr(engine, "async_callbacks", None) or []
@@ -126,6 +140,7 @@ class StepTimer:
         record["wall"] = wall
         record["other"] = wall - sum(record.get(p, 0.0) for p in PHASES if p != "other")
         record["other_cpu"] = record["cpu"] - sum(record.get(f"{p}_cpu", 0.0) for p in PHASES if p != "other")
+        record["host"] = wall - record.get("wait", 0.0)  # the host's own time (CUDA: not waiting for the device)
         tokens, decode_seqs = record.get("tokens", 0), record.get("seqs", 0) - record.get("prefill_groups", 0)
         record["kind"] = ("idle" if not tokens else "prefill" if not decode_seqs else
                           "decode" if not record.get("prefill_groups") else "mixed")
@@ -162,7 +177,7 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     for kind, group in by_kind.items():
         row: Dict[str, Any] = {"steps": len(group), "seqs": statistics.median(r.get("seqs", 0) for r in group),
                                "tokens": statistics.median(r.get("tokens", 0) for r in group)}
-        for key in ("wall", "cpu", *PHASES, *(f"{p}_cpu" for p in PHASES), "device_forward", "device_logits",
+        for key in ("wall", "host", "cpu", *PHASES, *(f"{p}_cpu" for p in PHASES), "device_forward", "device_logits",
                     "device_sample"):
             values = [r[key] for r in group if r.get(key) is not None]
             row[f"{key}_ms"] = statistics.median(values) * 1000.0 if values else None

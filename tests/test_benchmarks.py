@@ -80,3 +80,48 @@ def test_smoke_run_end_to_end(checkpoints, tmp_path):
     assert {impl for impl, _ in profiles} == {"vllm", "transformers"} and len(profiles) >= 4
     assert all(p["host_ops_per_step"] > 0 and p["host_ops"] for p in profiles.values())
     assert "backend/native" in proc.stdout and "| decode |" in proc.stdout
+
+
+def test_step_timer_cuda_path_with_stand_in_events(checkpoints, monkeypatch):
+    """The CUDA branch of the step timer (device events around forward/logits/sample, the explicit wait before
+    sampling, host = wall - wait), wired on a CPU engine with stand-in events: it must run the first time on
+    the GPU host."""
+    import time
+
+    import torch
+    from vllm import SamplingParams
+
+    from step_timer import PHASES, StepTimer, summarize
+    from tests.helpers import Engine
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.t = None
+
+        def record(self) -> None:
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end: "Event") -> float:
+            return (end.t - self.t) * 1000.0  # milliseconds, as CUDA events
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(1))
+    with Engine(checkpoints("llama")) as llm:
+        engine = llm.llm_engine
+        timer = StepTimer(engine, "cuda")
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        for i, prompt in enumerate([[1, 2, 3], [4, 5, 6, 7]]):
+            engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+        while engine.has_unfinished_requests():
+            timer.step()
+        records = timer.take()
+    assert [r["kind"] for r in records] == ["prefill", "decode", "decode", "decode"]
+    for r in records:
+        assert r["device_forward"] > 0 and r["device_logits"] > 0 and r["device_sample"] > 0
+        assert r["wait"] >= 0 and r["host"] == pytest.approx(r["wall"] - r["wait"])
+        assert sum(r.get(p, 0.0) for p in PHASES) == pytest.approx(r["wall"])  # exclusive phases add up
+    assert len(syncs) >= len(records)  # one wait per step, plus the resolve
+    summary = summarize(records)
+    assert summary["decode"]["steps"] == 3 and summary["decode"]["device_forward_ms"] > 0

@@ -387,8 +387,9 @@ class Comparison:
             plans.append(("long-prompt prefill step", workloads["long"], 0, 1))
         from profile_step import format_table
 
-        # Each plan in both orders (the device's clocks drift too: one profile per engine would compare moments).
-        for repeat, order in enumerate((IMPLS, IMPLS[::-1])):
+        # Each plan in both orders (the device's clocks drift too: one profile per engine would compare moments);
+        # the smoke run checks the code path once.
+        for repeat, order in enumerate((IMPLS, IMPLS[::-1])[:1 if self.args.smoke else 2]):
             for label, w, skip, n in plans:
                 if self.left() <= self.args.reserve_s / 2:
                     self.log(f"profile of {label} skipped: budget")

@@ -141,6 +141,24 @@ def test_rotary_table_answers_as_the_module(arch, config, dtype):
     assert all(torch.equal(a, b) for a, b in zip(rotary(x, far), original(x, far)))
 
 
+def test_no_kernel_table_where_the_model_keeps_hf_rotation():
+    """A model whose rotation does not run through vLLM's kernel (its rotary state is empty: the rotary pass off
+    or not applicable) gets the cos/sin lookup but no kernel table and no per-step entry."""
+    from vllm_transformers_backend.attention import AttentionContext, attention_context
+    from vllm_transformers_backend.rotary import cache_rotary_tables, rotary_table
+
+    holder = torch.nn.Module()
+    holder.rotary_emb = rotary = _rotary_module("llama")
+    original = type(rotary).forward.__get__(rotary)
+    assert cache_rotary_tables(holder, torch.device("cpu"), 64) == 1
+    x, positions = torch.zeros(1, 3, 8), torch.tensor([[0, 5, 63]])
+    ctx = AttentionContext({}, [], None, rotary_modules={})
+    with attention_context(ctx):
+        got = rotary(x, positions)
+    assert all(torch.equal(a, b) for a, b in zip(got, original(x, positions)))
+    assert rotary_table(rotary).kernel is None and ctx.rotary == {}
+
+
 def test_dynamic_rope_keeps_the_module_forward():
     from vllm_transformers_backend.rotary import cache_rotary_tables
 

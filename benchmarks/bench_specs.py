@@ -125,7 +125,7 @@ ROUND_WORKLOADS: Dict[str, Dict[str, Workload]] = {
     "cpu": {"decode": Workload("decode", 16, 32, 32), "prefill": Workload("prefill", 4, 256, 4),
             "small": Workload("small", 2, 32, 32)},
     "smoke": {"decode": Workload("decode", 4, 8, 6), "prefill": Workload("prefill", 2, 48, 2),
-              "small": Workload("small", 1, 8, 6)},
+              "small": Workload("small", 1, 8, 6), "long": Workload("long", 1, 400, 4)},
 }
 #: Same names, CPU-sized: the smoke test exercises every code path in seconds.
 TINY_WORKLOADS: Dict[str, Workload] = {

@@ -69,9 +69,13 @@ def test_cpu_kernel_is_exact_in_float32(dims):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_vllm_rotary_kernel_generates_like_hf(arch, checkpoints, monkeypatch):
-    """The swap forced on the CPU engine (its vllm._C has the same op): greedy tokens equal HF's, and the
-    kernel path really ran (every layer's rotation)."""
+    """The swap on the CPU engine (its vllm._C has the same op; on by default there, forced here) with cos/sin
+    from the table computed once: greedy tokens equal HF's, and the kernel path really ran (every layer's
+    rotation; the generation tests check the other architectures' tokens with the same paths on)."""
     import importlib
+
+    from tests.helpers import vllm_model
+    from vllm_transformers_backend.rotary import rotary_table
 
     require_architecture(arch)
     path = checkpoints(arch)
@@ -87,6 +91,9 @@ def test_vllm_rotary_kernel_generates_like_hf(arch, checkpoints, monkeypatch):
     with Engine(path) as llm:
         assert getattr(module.apply_rotary_pos_emb, "__wrapped__", None) is not None
         got = vllm_greedy(llm, PROMPTS, 12)
+        # cos/sin came from the rotary module's table, and the kernel read the table built once with it
+        table = rotary_table(vllm_model(llm).model.rotary_emb)
+        assert table is not None and table.kernel is not None
     assert got == expected
     assert calls and len(calls) % 2 == 0  # 2 layers per forward
 
@@ -166,20 +173,3 @@ def test_dynamic_rope_keeps_the_module_forward():
     holder.rotary_emb = _rotary_module("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     assert cache_rotary_tables(holder, torch.device("cpu"), 300) == 0
     assert "forward" not in holder.rotary_emb.__dict__
-
-
-def test_engine_uses_the_table_and_generates_like_hf(checkpoints):
-    """On the CPU engine (kernel swap on by default there): greedy tokens equal HF's while cos/sin come from the
-    table and the rotation from vLLM's kernel (the generation tests check the other architectures' tokens with
-    the same paths on)."""
-    from vllm_transformers_backend.rotary import rotary_table
-    from tests.helpers import vllm_model
-
-    path = checkpoints("llama")
-    expected = hf_greedy(path, PROMPTS, 10)
-    with Engine(path) as llm:
-        got = vllm_greedy(llm, PROMPTS, 10)
-        model = vllm_model(llm)
-        table = rotary_table(model.model.rotary_emb)
-        assert model.fused_rotary and table is not None and table.kernel is not None
-    assert got == expected

@@ -8,7 +8,7 @@ Construction (inside vLLM's loader, under ``with torch.device(target)`` and the 
    blocks' experts become vLLM ``FusedMoE`` layers where the kernel runs (the ``moe`` speed pass, first:
    :mod:`.moe`); swap ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style, :mod:`.tp_plan`) and the input
    embedding for ``VocabParallelEmbedding`` (keeping ``embed_scale``);
-3. run the speed passes (:mod:`.passes`): RMS norms, q/k/v and gate/up fusion, gated MLPs, rotary,
+3. run the speed passes (:mod:`.passes`): RMS norms, q/k/v and gate/up fusion, gated MLPs, rotary, rotary tables,
    residual fusion; the model keeps their reports (``speed_passes``, shown by ``doctor``);
 4. create one vLLM ``Attention`` per layer, reached from the ``"vllm"`` attention function;
 5. allocate what is still on meta on the target device; weights come later through ``load_weights``.

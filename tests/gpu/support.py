@@ -94,7 +94,12 @@ def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: 
         outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False, **extra)
         outputs = [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs)) for o in outs]
         norms = {type(m).__name__ for n, m in model.named_modules() if n.endswith("norm")}
-        modules = list(model.modules())
+        from vllm_transformers_backend.attention import vllm_attention_of
+
+        # The backend keeps its vLLM Attention layers beside the HF modules (not as submodules): count their
+        # KV-cache quantization methods as native's Attention submodules count.
+        attention = [vllm_attention_of(a) for a in getattr(model, "attention_instances", {}).values()]
+        modules = list(model.modules()) + attention
         return EngineRun(type(model).__name__, outputs, nbytes, devices, getattr(runner, "model_memory_usage", None),
                          norms, speed_paths(model), llm.llm_engine.model_config.quantization,
                          {type(m.quant_method).__name__ for m in modules if getattr(m, "quant_method", None)},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -114,8 +115,11 @@ def _complete(base_url: str, model: str, prompt: List[int]) -> Output:
             "ignore_eos": True}
     request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        logprobs = json.loads(response.read())["choices"][0]["logprobs"]
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            logprobs = json.loads(response.read())["choices"][0]["logprobs"]
+    except urllib.error.HTTPError as exc:  # the server's reason, not only its status
+        raise AssertionError(f"{model} {prompt}: HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
 
     def token_id(text: str) -> int:  # --return-tokens-as-token-ids: "token_id:123"
         return int(text.rpartition(":")[2])

@@ -72,6 +72,16 @@ def check_interface_version(config: Any) -> None:
         raise AttentionInterfaceError(config, "its attention modules predate the interface")
 
 
+def _configs_to_try(config: Any) -> Iterator[Any]:
+    """The config as vLLM loaded it, then, for the configs vLLM 0.6.2 loads with classes of its own (Granite,
+    ...) that transformers' auto classes do not know, transformers' own class for the same model_type."""
+    yield config
+    try:
+        yield compat.transformers_config(config)
+    except ValueError:  # not a model type transformers knows either
+        pass
+
+
 def build(config: Any, auto_class: str, *, dtype: Any, trust_remote_code: bool,
           attn_implementation: str = ATTN_IMPLEMENTATION) -> nn.Module:
     """``transformers.<auto_class>.from_config(config)`` with its parameters on the meta device (buffers
@@ -84,24 +94,13 @@ def build(config: Any, auto_class: str, *, dtype: Any, trust_remote_code: bool,
 
     auto = getattr(transformers, auto_class)
     text_config = compat.get_text_config(config)
-    text_config._attn_implementation = attn_implementation
-    for cfg in {id(config): config, id(text_config): text_config}.values():
-        compat.set_config_dtype(cfg, dtype)
-    try:
-        return _from_config(auto, config, dtype, trust_remote_code, attn_implementation)
-    except ValueError as exc:
-        if not _unrecognized(exc):
-            raise
-    # vLLM 0.6.2 loads some configs with classes of its own (Granite, ...) that transformers' auto classes do
-    # not know: build from transformers' own class for the same model_type.
-    try:
-        config = compat.transformers_config(config)
-    except ValueError:  # not a model type transformers knows either
-        config = None
-    if config is not None:
-        config._attn_implementation = attn_implementation
+    for candidate in _configs_to_try(config):
+        candidate_text = compat.get_text_config(candidate)  # the text model's attention only (not a vision tower's)
+        candidate_text._attn_implementation = attn_implementation
+        for cfg in {id(candidate): candidate, id(candidate_text): candidate_text}.values():
+            compat.set_config_dtype(cfg, dtype)
         try:
-            return _from_config(auto, config, dtype, trust_remote_code, attn_implementation)
+            return _from_config(auto, candidate, dtype, trust_remote_code, attn_implementation)
         except ValueError as exc:
             if not _unrecognized(exc):
                 raise

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 import torch
 
-from .weights import WeightsLoadingError
+from .weights import WeightsLoadingError, copy_checked
 
 #: The three pieces of a gated expert: ``down(silu(gate(x)) * up(x))``.
 PIECES: Tuple[str, str, str] = ("gate", "up", "down")
@@ -100,17 +100,11 @@ class LinearsTarget:
         if target is None:
             raise WeightsLoadingError(f"{name}: no parameter of the model holds it")
         param = self.params[target]
-        loader: Callable = getattr(param, "weight_loader", None) or _copy_into
+        loader: Callable = getattr(param, "weight_loader", None) or copy_checked
         if shard is None:
             loader(param, tensor)
         else:
             loader(param, tensor, shard.shard_id)
-
-
-def _copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
-    if param.shape != tensor.shape:
-        raise WeightsLoadingError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(tensor.shape)}")
-    param.data.copy_(tensor)
 
 
 Target = Union[PackedTarget, LinearsTarget]

@@ -199,7 +199,8 @@ def build_weights_mapper(
     return mapper
 
 
-def _default_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    """The loader of a parameter without a ``weight_loader`` of its own: a copy after a shape check."""
     if param.shape != loaded.shape:
         raise WeightsLoadingError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
     param.data.copy_(loaded)
@@ -266,7 +267,7 @@ def _account(module: nn.Module, weights: Iterable[Tuple[str, Any]], mapper: Weig
                 if shape is not None and expected is not None and shape != tuple(expected):
                     account.mismatched.append((name, shape, target, tuple(expected)))
             else:
-                loader = getattr(param, "weight_loader", _default_loader)
+                loader = getattr(param, "weight_loader", copy_checked)
                 try:
                     if shard is None:
                         loader(param, tensor)

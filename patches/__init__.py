@@ -25,11 +25,13 @@ from .cpu_group_coordinator import CpuGroupCoordinatorPatch
 from .cpu_model_input import CpuModelInputPatch
 from .embedding_runner import EmbeddingRunnerPatch
 from .engine_args import EngineArgsPatch
+from .guided_decoding import GuidedDecodingPatch
 from .hf_config import HFConfigPatch
 from .launcher import LauncherPatch
 from .llm import LLMPatch
 from .llm_requests import LLMRequestsPatch
 from .lora_layers import LoRALayersPatch
+from .lora_tokenizer import LoRATokenizerPatch
 from .model_architecture import ModelArchitecturePatch
 from .model_config import ModelConfigPatch
 from .model_loader import ModelLoaderPatch
@@ -51,12 +53,14 @@ PATCHES: List[Patch] = [
     ModelArchitecturePatch(),
     ModelLoaderPatch(),
     TokenizerPatch(),
+    LoRATokenizerPatch(),
     LLMPatch(),
     LauncherPatch(),
     LoRALayersPatch(),
     PromptValidationPatch(),
     LLMRequestsPatch(),
     OpenAIPromptTokensPatch(),
+    GuidedDecodingPatch(),
     MQEngineLivenessPatch(),
     CpuEmbeddingPatch(),
     EmbeddingRunnerPatch(),

@@ -215,6 +215,19 @@ def write_dequantized(src: Path, dst: Path, dequantized: Dict[str, torch.Tensor]
     return dst
 
 
+def write_word_tokenizer(path: Path, vocab_size: int) -> Path:
+    """A word-level tokenizer ("t0 t1 ...") for a random checkpoint, so that `vllm serve` has one (the
+    tests send token ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(str(path))
+    return path
+
+
 def write_lora_adapter(base: Path, dst: Path, targets: Sequence[str], *, rank: int = 8, alpha: int = 16,
                        seed: int = 0, scale: float = 0.05) -> Path:
     """A random PEFT LoRA adapter for the HF model at ``base`` on the modules whose last name is in

@@ -296,6 +296,32 @@ def test_cpu_engine_refuses_lora_naming_the_gpu(lora_files):
                  enable_lora=True).create_engine_config()
 
 
+def test_adapter_without_tokenizer_serves_with_the_base_tokenizer(lora_files, tmp_path):
+    """A PEFT adapter without tokenizer files: vLLM 0.6.2's tokenizer group fell back to the base tokenizer
+    on OSError only and raised what transformers raised here ("Unrecognized model"; sentencepiece's "Either
+    model_file or model_proto must be specified" on the GPU host), so `vllm serve --lora-modules` answered
+    every request for the adapter with HTTP 400; the base tokenizer serves it, as in newer vLLM. An adapter
+    with its own tokenizer keeps it."""
+    import asyncio
+    import shutil
+
+    from vllm.lora.request import LoRARequest
+    from vllm.transformers_utils.tokenizer_group.tokenizer_group import TokenizerGroup
+
+    from tests.quantized import write_word_tokenizer
+
+    base, (adapter, _) = lora_files("llama")
+    base = shutil.copytree(base, tmp_path / "base")  # the module's base stays tokenizer-less
+    write_word_tokenizer(base, 64)
+    adapter = write_lora_adapter(base, tmp_path / "adapter", LINEARS, seed=3)
+    group = TokenizerGroup(tokenizer_id=str(base), enable_lora=True, max_num_seqs=4, max_input_length=None)
+    assert group.get_lora_tokenizer(LoRARequest("bare", 1, lora_path=str(adapter))) is group.tokenizer
+    assert asyncio.run(group.get_lora_tokenizer_async(LoRARequest("bare2", 2, lora_path=str(adapter)))) is group.tokenizer
+    with_own = write_word_tokenizer(shutil.copytree(adapter, tmp_path / "with-own"), 80)
+    own = group.get_lora_tokenizer(LoRARequest("own", 3, lora_path=str(with_own)))
+    assert own is not group.tokenizer and len(own) == 80
+
+
 def test_hf_lora_layers_return_the_tensor(module_process_group):
     """The LoRA layers given to the backend's own linears are vLLM's, returning what HF's modules return:
     the base output for tokens without an adapter, plus ``x @ A @ B`` for a token in an adapter's slot."""

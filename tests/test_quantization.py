@@ -206,8 +206,11 @@ def test_quantization_methods_get_rows_of_tokens(checkpoints, monkeypatch):
     """vLLM's quantized GEMMs take ``[tokens, hidden]`` (FP8's ``scaled_fp8_quant`` asserts ``ndim == 2``, the
     CUTLASS GEMMs too) while HF keeps a batch dimension of 1. A stand-in method that asserts 2-D input as
     they do, under every vLLM linear of the CPU engine (plain, fused q/k/v and gate/up, the gated MLP's own
-    call of gate/up), still gives HF's tokens: each call hands the method rows and HF gets its shape back."""
+    call of gate/up), still gives HF's tokens: each call hands the method rows and HF gets its shape back.
+    (Unquantized layers take HF's 3-D input as it is, ``layers.ANY_RANK_METHODS``: the stand-in is not.)"""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from vllm_transformers_backend import layers
 
     from tests.helpers import PROMPTS, Engine, hf_greedy, vllm_greedy
 
@@ -220,6 +223,7 @@ def test_quantization_methods_get_rows_of_tokens(checkpoints, monkeypatch):
         return original(self, layer, x, bias)
 
     monkeypatch.setattr(UnquantizedLinearMethod, "apply", apply_rows_only)
+    monkeypatch.setattr(layers, "ANY_RANK_METHODS", ())
     path = checkpoints("llama")
     prompts = PROMPTS + [[7]]
     with Engine(path, "transformers") as llm:
@@ -227,6 +231,31 @@ def test_quantization_methods_get_rows_of_tokens(checkpoints, monkeypatch):
     # the fused layers, and o_proj/down_proj as the backend's own linears (HFReplicatedLinear at TP=1)
     assert {"QKVParallelLinear", "MergedColumnParallelLinear"} < called and any(n.startswith("HF") for n in called)
     assert tokens == hf_greedy(path, prompts, 4)
+
+
+def test_unquantized_linears_take_hfs_input_unflattened(checkpoints, monkeypatch):
+    """The complement: unquantized linears without LoRA get HF's ``[1, tokens, hidden]`` as it is (``F.linear``
+    folds it in C++: no Python-level reshape and view per linear, host time per layer), every one of them,
+    and the tokens still equal HF's."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from tests.helpers import PROMPTS, Engine, hf_greedy, vllm_greedy
+
+    original = UnquantizedLinearMethod.apply
+    ranks = {}
+
+    def apply_recording(self, layer, x, bias=None):
+        ranks.setdefault(type(layer).__name__, set()).add(x.dim())
+        return original(self, layer, x, bias)
+
+    monkeypatch.setattr(UnquantizedLinearMethod, "apply", apply_recording)
+    path = checkpoints("llama")
+    with Engine(path, "transformers") as llm:
+        tokens = vllm_greedy(llm, PROMPTS, 4)
+    linears = {name: dims for name, dims in ranks.items() if "Embedding" not in name and "Head" not in name}
+    assert {"QKVParallelLinear", "MergedColumnParallelLinear"} < set(linears), ranks
+    assert all(dims == {3} for dims in linears.values()), ranks
+    assert tokens == hf_greedy(path, PROMPTS, 4)
 
 
 def test_packers_agree_with_vllms_and_dequantize_to_the_weight():

@@ -2,7 +2,8 @@
 engine process is patched (start-up hook), and the OpenAI-compatible server answers a completion, a chat
 completion and 50 concurrent requests through the `openai` client. Bad requests get HTTP 400 with an
 OpenAI-style error body and never reach the engine, also when mixed with good ones (issue #23); a burst
-larger than the KV cache is queued and preempted, never fatal (issue #22). One server for the module, with
+larger than the KV cache is queued and preempted, never fatal (issue #22). Plain requests need no
+guided-decoding backend; guided ones get vLLM's (issue #21's LoRA server). One server for the module, with
 a small KV cache so that bursts preempt; it is always stopped."""
 from __future__ import annotations
 
@@ -141,6 +142,84 @@ def test_bad_requests_mixed_with_good_ones_concurrently(server, client, sequenti
             assert result == sequential[prompt], (prompt, result)
         else:
             _assert_bad_request(result, message)
+    _assert_server_alive(server)
+
+
+#: vLLM 0.6.2's guided-decoding backends: the module each imports per guided request.
+GUIDED_BACKENDS = {"outlines": "vllm.model_executor.guided_decoding.outlines_decoding",
+                   "lm-format-enforcer": "vllm.model_executor.guided_decoding.lm_format_enforcer_decoding"}
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:  # lm-format-enforcer 0.10 needs transformers' LogitsWarper (gone in 4.5x); outlines 0.0.46, numpy 1
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def test_plain_requests_never_import_a_guided_decoding_backend(server, client, sequential):
+    """vLLM 0.6.2 imported the guided-decoding backend on every request; lm-format-enforcer cannot import
+    with the transformers the backend needs (outlines cannot under numpy 2), so every plain request was an
+    HTTP 500. Plain completions and chats naming that backend now get their ordinary answers."""
+    backend = {"guided_decoding_backend": "lm-format-enforcer"}
+    for prompt in PROMPTS[:3]:
+        answer = client.completions.create(model="smollm2", prompt=prompt, max_tokens=TOKENS, temperature=0,
+                                           extra_body=backend).choices[0].text
+        assert answer == sequential[prompt], (prompt, answer)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(model="smollm2", max_tokens=8, temperature=0, messages=messages)
+    named = client.chat.completions.create(model="smollm2", max_tokens=8, temperature=0, messages=messages,
+                                           extra_body=backend)
+    assert named.choices[0].message.content == plain.choices[0].message.content
+    _assert_server_alive(server)
+
+
+CHOICES = ["yes", "no", "maybe"]
+
+
+def test_which_requests_count_as_guided():
+    """What vLLM 0.6.2 builds a guided-decoding processor for: the four guided_* fields, a response_format
+    other than text, a named tool; nothing else."""
+    from vllm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+
+    from vllm_transformers_backend.patches.guided_decoding import asks_for_guidance
+
+    messages = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    plain = [CompletionRequest(model="m", prompt="hi"),
+             CompletionRequest(model="m", prompt="hi", guided_decoding_backend="x"),
+             ChatCompletionRequest(model="m", messages=messages),
+             ChatCompletionRequest(model="m", messages=messages, response_format={"type": "text"}),
+             ChatCompletionRequest(model="m", messages=messages, tools=[tool], tool_choice="auto")]
+    guided = [CompletionRequest(model="m", prompt="hi", guided_json={"type": "object"}),
+              CompletionRequest(model="m", prompt="hi", guided_regex="a+"),
+              CompletionRequest(model="m", prompt="hi", guided_choice=["a"]),
+              CompletionRequest(model="m", prompt="hi", guided_grammar="root ::= \"a\""),
+              ChatCompletionRequest(model="m", messages=messages, response_format={"type": "json_object"}),
+              ChatCompletionRequest(model="m", messages=messages, tools=[tool],
+                                    tool_choice={"type": "function", "function": {"name": "f"}})]
+    assert [asks_for_guidance(r) for r in plain] == [False] * len(plain)
+    assert [asks_for_guidance(r) for r in guided] == [True] * len(guided)
+
+
+@pytest.mark.parametrize("backend", sorted(GUIDED_BACKENDS))
+def test_guided_requests_still_reach_vllms_guided_decoding(server, client, backend):
+    """A guided request is vLLM's as before: a backend that imports here constrains the answer to the choices;
+    one that cannot be imported is an HTTP 400 naming it and the fix (it was a 500)."""
+    request = dict(model="smollm2", max_tokens=TOKENS, temperature=0,
+                   extra_body={"guided_choice": CHOICES, "guided_decoding_backend": backend})
+    if _importable(GUIDED_BACKENDS[backend]):
+        for prompt in PROMPTS[:3]:
+            answer = client.completions.create(prompt=prompt, **request).choices[0].text
+            assert answer in CHOICES, (prompt, answer)
+    else:
+        with pytest.raises(Exception) as info:
+            client.completions.create(prompt=PROMPTS[0], **request)
+        _assert_bad_request(info.value, rf"guided decoding backend '{backend}' cannot be imported .*"
+                                        r"--guided-decoding-backend")
     _assert_server_alive(server)
 
 

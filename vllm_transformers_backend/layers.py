@@ -20,24 +20,43 @@ from torch import nn
 from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
                               tensor_model_parallel_all_gather)
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
-from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from vllm.model_executor.layers.linear import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
+                                               UnquantizedLinearMethod)
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from . import devices, kernels
 from .passes import Build, Replacement, SpeedPass, Verdict
 
 
-def linear_rows(forward: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:
+def linear_rows(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, any_rank: bool = False) -> torch.Tensor:
     """``forward(x)``'s output tensor for a vLLM linear's ``forward`` (``(output, bias)``), called on ``x`` as
     rows: HF keeps a batch dimension (``[1, tokens, hidden]``) and vLLM's linears and quantization methods
     take ``[tokens, hidden]`` (FP8's ``scaled_fp8_quant`` and the CUTLASS GEMMs assert 2-D input; GPTQ/AWQ
     flatten themselves). The leading dimensions are folded into one and restored on the output: views
-    unless ``x`` is not contiguous (a copy the GEMM would need anyway); 2-D input is passed as is."""
-    if x.dim() <= 2:
+    unless ``x`` is not contiguous (a copy the GEMM would need anyway); 2-D input is passed as is.
+    ``any_rank`` (:func:`takes_any_rank`): ``x`` goes in as it is, as ``F.linear`` folds it in C++ (two
+    Python-level views fewer per linear: host time per layer in eager prefills and on the CPU)."""
+    if any_rank or x.dim() <= 2:
         output, _ = forward(x)  # the bias comes back only with skip_bias_add, never set here
         return output
     output, _ = forward(x.reshape(-1, x.shape[-1]))
     return output.view(*x.shape[:-1], output.shape[-1])
+
+
+#: Linear methods that compute ``F.linear(x, weight, bias)`` and nothing else on ``x`` (exact types: a
+#: subclass may do more).
+ANY_RANK_METHODS: Tuple[type, ...] = (UnquantizedLinearMethod,)
+
+
+def takes_any_rank(layer: nn.Module) -> bool:
+    """Whether a vLLM linear takes input of any rank: its method is one of :data:`ANY_RANK_METHODS` and it
+    has no LoRA (whose punica kernels take rows). Decided once per layer, at its first call."""
+    decided = layer.__dict__.get("_vtb_any_rank")
+    if decided is None:
+        decided = (type(getattr(layer, "quant_method", None)) in ANY_RANK_METHODS
+                   and not hasattr(layer, "base_layer"))
+        layer.__dict__["_vtb_any_rank"] = decided
+    return decided
 
 
 class TensorOutput:
@@ -45,7 +64,7 @@ class TensorOutput:
     for input of HF's shape (:func:`linear_rows`). vLLM's LoRA layers of the backend's linears mix it in too."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return linear_rows(super().forward, x)
+        return linear_rows(super().forward, x, takes_any_rank(self))
 
 
 class HFReplicatedLinear(TensorOutput, ReplicatedLinear):

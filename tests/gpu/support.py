@@ -36,6 +36,8 @@ class EngineRun:
     quantization: Optional[str] = None  # the method vLLM resolved (``gptq_marlin`` for a GPTQ checkpoint, ...)
     quant_methods: Set[str] = field(default_factory=set)  # classes of the layers' quantization methods
     lora_layers: Set[str] = field(default_factory=set)  # classes of the LoRA layers vLLM's manager installed
+    #: per ``forced`` sequence, the log-probability of each token after the first given the tokens before it
+    forced_logprobs: List[List[float]] = field(default_factory=list)
 
 
 def parameter_bytes(model: torch.nn.Module) -> Tuple[int, Set[str]]:
@@ -76,10 +78,11 @@ def speed_paths(model: torch.nn.Module) -> Set[str]:
 
 def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: Sequence[Sequence[int]],
                max_tokens: int, logprobs: int = 5, lora_requests: Optional[Sequence[Any]] = None,
-               **engine_kwargs: Any) -> EngineRun:
+               forced: Sequence[Sequence[int]] = (), **engine_kwargs: Any) -> EngineRun:
     """Starts ``vllm.LLM`` on ``path``, generates greedily with top-``logprobs`` log-probabilities (one
-    ``LoRARequest`` or None per prompt with ``lora_requests``), records the model's class, layers and weight
-    memory, and tears the engine down whatever happens."""
+    ``LoRARequest`` or None per prompt with ``lora_requests``), scores the ``forced`` sequences token by token
+    (vLLM's prompt log-probabilities), records the model's class, layers and weight memory, and tears the
+    engine down whatever happens."""
     from vllm import LLM, SamplingParams
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
@@ -93,6 +96,10 @@ def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: 
         extra = {} if lora_requests is None else {"lora_request": list(lora_requests)}
         outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False, **extra)
         outputs = [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs)) for o in outs]
+        scored = llm.generate([{"prompt_token_ids": list(p)} for p in forced],
+                              SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        forced_logprobs = [[o.prompt_logprobs[i][t].logprob for i, t in enumerate(seq) if i > 0]
+                           for o, seq in zip(scored, forced)]
         norms = {type(m).__name__ for n, m in model.named_modules() if n.endswith("norm")}
         from vllm_transformers_backend.attention import vllm_attention_of
 
@@ -103,7 +110,8 @@ def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: 
         return EngineRun(type(model).__name__, outputs, nbytes, devices, getattr(runner, "model_memory_usage", None),
                          norms, speed_paths(model), llm.llm_engine.model_config.quantization,
                          {type(m.quant_method).__name__ for m in modules if getattr(m, "quant_method", None)},
-                         {type(m).__name__ for m in modules if type(m).__name__.endswith(("LoRA", "Lora"))})
+                         {type(m).__name__ for m in modules if type(m).__name__.endswith(("LoRA", "Lora"))},
+                         forced_logprobs)
     finally:
         del llm
         destroy_model_parallel()
@@ -143,6 +151,45 @@ def hf_top_logprobs(path: Path | str, prompts: Sequence[Sequence[int]], max_toke
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def hf_forced_logprobs(path: Path | str, sequences: Sequence[Sequence[int]], dtype: torch.dtype,
+                       device: str) -> List[List[float]]:
+    """HF's log-probability of each token of each sequence after the first, given the tokens before it (one
+    forward pass per sequence: no padding)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
+    try:
+        with torch.no_grad():
+            scores = []
+            for seq in sequences:
+                ids = torch.tensor([list(seq)], device=device)
+                logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+                scores.append(logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist())
+        return scores
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def forced_gap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> Dict[str, float]:
+    """Median, 90th percentile and maximum of |a - b| over every scored token of every sequence."""
+    gaps = torch.tensor([abs(x - y) for sa, sb in zip(a, b, strict=True) for x, y in zip(sa, sb, strict=True)])
+    return {"median": gaps.median().item(), "p90": gaps.quantile(0.9).item(), "max": gaps.max().item()}
+
+
+def logprobs_departures(a: Sequence[Output], b: Sequence[Output]) -> List[str]:
+    """The prompts on which ``check_logprobs_close``'s rule fails, each as the rule's message."""
+    departures = []
+    for i, pair in enumerate(zip(a, b)):
+        try:
+            check_logprobs_close([pair[0]], [pair[1]])
+        except AssertionError as err:
+            departures.append(f"prompt {i}: {err}")
+    return departures
 
 
 def check_logprobs_close(a: Sequence[Output], b: Sequence[Output], name_a: str = "a", name_b: str = "b") -> int:

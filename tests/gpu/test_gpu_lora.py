@@ -22,7 +22,7 @@ import pytest
 
 from tests.gpu.support import EngineRun, Output, check_logprobs_close, kernel_sized_checkpoint, run_engine
 from tests.helpers import vllm_server
-from tests.quantized import write_lora_adapter
+from tests.quantized import write_lora_adapter, write_word_tokenizer
 
 MAX_TOKENS = 16
 BASE_PROMPTS = [[1, 15, 27, 300, 4000, 12, 7], [5], [900 + i for i in range(30)]]
@@ -30,17 +30,6 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ADAPTERS = {"llama": [LINEARS, ["q_proj", "k_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"]],
             "qwen2": [LINEARS, ["q_proj", "v_proj", "up_proj"]]}
 LORA_ARGS = dict(enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=512)
-
-
-def _word_tokenizer(path: Path, vocab_size: int) -> None:
-    """A word-level tokenizer ("t0 t1 ...") so that `vllm serve` has one; the tests send token ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1",
-                            eos_token="t2").save_pretrained(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def lora_setup(tmp_path_factory):
     def get(arch: str):
         if arch not in cache:
             base = kernel_sized_checkpoint(arch, root / arch)
-            _word_tokenizer(base, 4096)
+            write_word_tokenizer(base, 4096)  # the adapters have none: the server falls back to it
             adapters = [write_lora_adapter(base, root / f"{arch}-{i}", targets, seed=i + 1, scale=0.1)
                         for i, targets in enumerate(ADAPTERS[arch])]
             cache[arch] = (base, adapters)

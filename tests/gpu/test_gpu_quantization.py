@@ -35,6 +35,7 @@ CASES: Dict[str, tuple] = {
     "qwen2-gptq-exllama": ("qwen2", "gptq", False, {"quantization": "gptq", "dtype": "float16"}, "gptq"),
     "qwen2-awq-gemm": ("qwen2", "awq", False, {"quantization": "awq", "dtype": "float16"}, "awq"),
     "qwen2-compressed-tensors-fp8": ("qwen2", "compressed-tensors", False, {}, "compressed-tensors"),
+    "qwen2-fp8-online": ("qwen2", None, False, {"quantization": "fp8"}, "fp8"),
 }
 
 

@@ -258,6 +258,30 @@ def test_unquantized_linears_take_hfs_input_unflattened(checkpoints, monkeypatch
     assert tokens == hf_greedy(path, PROMPTS, 4)
 
 
+def test_any_rank_input_only_for_stock_unquantized_linears():
+    """The gate itself: an unquantized linear on the CPU (or CUDA) takes any rank; one on another device
+    (an MLU fork's own GEMM), one with a quantization method, and a LoRA-wrapped one get rows."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from vllm_transformers_backend.layers import takes_any_rank
+
+    class QuantizedMethod(UnquantizedLinearMethod):  # a method that may do more than F.linear
+        pass
+
+    def layer(method, device="cpu", lora=False):
+        module = torch.nn.Module()
+        module.quant_method = method
+        module.weight = torch.nn.Parameter(torch.empty(4, 4, device=device), requires_grad=False)
+        if lora:
+            module.base_layer = torch.nn.Module()
+        return module
+
+    assert takes_any_rank(layer(UnquantizedLinearMethod()))
+    assert not takes_any_rank(layer(UnquantizedLinearMethod(), device="meta"))
+    assert not takes_any_rank(layer(QuantizedMethod()))
+    assert not takes_any_rank(layer(UnquantizedLinearMethod(), lora=True))
+
+
 def test_packers_agree_with_vllms_and_dequantize_to_the_weight():
     """The test checkpoints' GPTQ/AWQ packing equals vLLM's reference packers (quant_utils); unpacked with
     vLLM's unpacker and dequantized by the format's rule, the stored tensors give the returned weights, which

@@ -145,6 +145,12 @@ def runs_vllm_activation_kernels(device: torch.device) -> bool:
     return torch.device(device).type != "cpu" and not prefers_native_layer_forward(device)
 
 
+def stock_linear_takes_any_rank(device: torch.device) -> bool:
+    """Whether vLLM's unquantized linear on this device is stock vLLM's ``F.linear`` (CUDA, vLLM's CPU
+    build), which takes input of any rank. MLU forks run their own GEMM ops there, which may assume rows."""
+    return torch.device(device).type in ("cuda", "cpu")
+
+
 def has_vllm_gpu_kernels(device: torch.device) -> bool:
     """Whether vLLM's CUDA kernels (``vllm._C``) serve this device: the backend then calls them directly
     for speed (rotary embedding) where HF would run many small PyTorch kernels (also on vLLM's CPU build,

@@ -49,11 +49,14 @@ ANY_RANK_METHODS: Tuple[type, ...] = (UnquantizedLinearMethod,)
 
 
 def takes_any_rank(layer: nn.Module) -> bool:
-    """Whether a vLLM linear takes input of any rank: its method is one of :data:`ANY_RANK_METHODS` and it
-    has no LoRA (whose punica kernels take rows). Decided once per layer, at its first call."""
+    """Whether a vLLM linear takes input of any rank: its method is one of :data:`ANY_RANK_METHODS`, on a
+    device where that method is stock vLLM's, and it has no LoRA (whose punica kernels take rows). Decided
+    once per layer, at its first call."""
     decided = layer.__dict__.get("_vtb_any_rank")
     if decided is None:
+        weight = getattr(layer, "weight", None)
         decided = (type(getattr(layer, "quant_method", None)) in ANY_RANK_METHODS
+                   and isinstance(weight, torch.Tensor) and devices.stock_linear_takes_any_rank(weight.device)
                    and not hasattr(layer, "base_layer"))
         layer.__dict__["_vtb_any_rank"] = decided
     return decided

@@ -6,8 +6,8 @@ vLLM 0.6.2 falls back only on ``OSError``. A PEFT adapter without tokenizer file
 ``ValueError`` ("Unrecognized model", no config.json), or, where transformers follows
 ``adapter_config.json`` to a Llama base, sentencepiece's "Either model_file or model_proto must be
 specified" (seen on the GPU host); ``vllm serve --lora-modules`` then answered every request for the
-adapter with HTTP 400, for native models as for the backend. Newer vLLM catches every exception here; so does this patch, with the
-same warning.
+adapter with HTTP 400, for native models as for the backend. Newer vLLM catches every exception here; so
+does this patch, with the same warning.
 
 Decode step: not on it (acts when a request names an adapter whose tokenizer is not cached yet).
 """

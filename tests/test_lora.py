@@ -310,13 +310,14 @@ def test_adapter_without_tokenizer_serves_with_the_base_tokenizer(lora_files, tm
 
     from tests.quantized import write_word_tokenizer
 
-    base, (adapter, _) = lora_files("llama")
+    base, _ = lora_files("llama")
     base = shutil.copytree(base, tmp_path / "base")  # the module's base stays tokenizer-less
     write_word_tokenizer(base, 64)
     adapter = write_lora_adapter(base, tmp_path / "adapter", LINEARS, seed=3)
     group = TokenizerGroup(tokenizer_id=str(base), enable_lora=True, max_num_seqs=4, max_input_length=None)
     assert group.get_lora_tokenizer(LoRARequest("bare", 1, lora_path=str(adapter))) is group.tokenizer
-    assert asyncio.run(group.get_lora_tokenizer_async(LoRARequest("bare2", 2, lora_path=str(adapter)))) is group.tokenizer
+    bare = LoRARequest("bare2", 2, lora_path=str(adapter))
+    assert asyncio.run(group.get_lora_tokenizer_async(bare)) is group.tokenizer
     with_own = write_word_tokenizer(shutil.copytree(adapter, tmp_path / "with-own"), 80)
     own = group.get_lora_tokenizer(LoRARequest("own", 3, lora_path=str(with_own)))
     assert own is not group.tokenizer and len(own) == 80

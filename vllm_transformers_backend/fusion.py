@@ -48,7 +48,7 @@ from vllm.model_executor.layers.linear import (ColumnParallelLinear, LinearBase,
                                                QKVParallelLinear, ReplicatedLinear, UnquantizedLinearMethod)
 
 from . import devices
-from .layers import linear_rows, takes_any_rank
+from .layers import linear_rows
 from .passes import Build, Replacement, SpeedPass, Verdict
 from .weights import StackedShard
 
@@ -92,7 +92,7 @@ class _FusedGroup:
             if self.taken == self.full:
                 self.clear()
             return out
-        output = linear_rows(self.layer, x, takes_any_rank(self.layer))
+        output = linear_rows(self.layer, x)
         self.outputs = output.split(self.sizes, dim=-1)
         self.input = x
         self.taken = bit
@@ -402,8 +402,7 @@ def _is_standard_glu_forward(mlp: nn.Module) -> bool:
 
 
 def _glu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    layer = self.gate_proj.fused_layer
-    gate_up = linear_rows(layer, x, takes_any_rank(layer))
+    gate_up = linear_rows(self.gate_proj.fused_layer, x)
     return self.down_proj(self.vllm_act_and_mul(gate_up))
 
 

@@ -28,15 +28,17 @@ from . import devices, kernels
 from .passes import Build, Replacement, SpeedPass, Verdict
 
 
-def linear_rows(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, any_rank: bool = False) -> torch.Tensor:
-    """``forward(x)``'s output tensor for a vLLM linear's ``forward`` (``(output, bias)``), called on ``x`` as
-    rows: HF keeps a batch dimension (``[1, tokens, hidden]``) and vLLM's linears and quantization methods
-    take ``[tokens, hidden]`` (FP8's ``scaled_fp8_quant`` and the CUTLASS GEMMs assert 2-D input; GPTQ/AWQ
-    flatten themselves). The leading dimensions are folded into one and restored on the output: views
-    unless ``x`` is not contiguous (a copy the GEMM would need anyway); 2-D input is passed as is.
-    ``any_rank`` (:func:`takes_any_rank`): ``x`` goes in as it is, as ``F.linear`` folds it in C++ (two
-    Python-level views fewer per linear: host time per layer in eager prefills and on the CPU)."""
-    if any_rank or x.dim() <= 2:
+def linear_rows(layer: nn.Module, x: torch.Tensor,
+                forward: Optional[Callable[[torch.Tensor], Any]] = None) -> torch.Tensor:
+    """The output tensor of a vLLM linear ``layer`` (whose ``forward``, or the given one, returns ``(output,
+    bias)``), called on ``x`` as rows: HF keeps a batch dimension (``[1, tokens, hidden]``) and vLLM's
+    quantization methods take ``[tokens, hidden]`` (FP8's ``scaled_fp8_quant`` and the CUTLASS GEMMs assert
+    2-D input; GPTQ/AWQ flatten themselves). The leading dimensions are folded into one and restored on the
+    output: views unless ``x`` is not contiguous (a copy the GEMM would need anyway). 2-D input, and any input
+    of a layer that :func:`takes_any_rank` (``F.linear`` folds it in C++: two Python-level views fewer per
+    linear, host time per layer in eager prefills and on the CPU), is passed as is."""
+    forward = layer if forward is None else forward
+    if x.dim() <= 2 or takes_any_rank(layer):
         output, _ = forward(x)  # the bias comes back only with skip_bias_add, never set here
         return output
     output, _ = forward(x.reshape(-1, x.shape[-1]))
@@ -67,7 +69,7 @@ class TensorOutput:
     for input of HF's shape (:func:`linear_rows`). vLLM's LoRA layers of the backend's linears mix it in too."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return linear_rows(super().forward, x, takes_any_rank(self))
+        return linear_rows(self, x, super().forward)
 
 
 class HFReplicatedLinear(TensorOutput, ReplicatedLinear):

@@ -96,10 +96,12 @@ def run_engine(path: Path | str, model_impl: str, enforce_eager: bool, prompts: 
         extra = {} if lora_requests is None else {"lora_request": list(lora_requests)}
         outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False, **extra)
         outputs = [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs)) for o in outs]
-        scored = llm.generate([{"prompt_token_ids": list(p)} for p in forced],
-                              SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-        forced_logprobs = [[o.prompt_logprobs[i][t].logprob for i, t in enumerate(seq) if i > 0]
-                           for o, seq in zip(scored, forced)]
+        forced_logprobs = []
+        if forced:
+            scored = llm.generate([{"prompt_token_ids": list(p)} for p in forced],
+                                  SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+            forced_logprobs = [[o.prompt_logprobs[i][t].logprob for i, t in enumerate(seq) if i > 0]
+                               for o, seq in zip(scored, forced)]
         norms = {type(m).__name__ for n, m in model.named_modules() if n.endswith("norm")}
         from vllm_transformers_backend.attention import vllm_attention_of
 

@@ -249,6 +249,8 @@ def test_unquantized_linears_take_hfs_input_unflattened(checkpoints, monkeypatch
         return original(self, layer, x, bias)
 
     monkeypatch.setattr(UnquantizedLinearMethod, "apply", apply_recording)
+    # HF's own attention forward: the lean one (attention_forward.py) hands qkv_proj and o_proj token rows itself
+    monkeypatch.setenv("VLLM_TRANSFORMERS_BACKEND_FUSE_ATTENTION", "0")
     path = checkpoints("llama")
     with Engine(path, "transformers") as llm:
         tokens = vllm_greedy(llm, PROMPTS, 4)

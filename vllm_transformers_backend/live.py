@@ -10,9 +10,11 @@ recorded graph and run no Python, so hooks fire only on prefill (and during capt
 with ``enforce_eager=True`` to see every step.
 
 Residual fusion (``residual.py``) makes every decoder layer but the last return only its MLP output and hand
-the residual to the next layer, as vLLM's own models do. ``get_hf_model`` puts HF's layer forwards back by
-default, so a hook on a whole layer sees HF's output; ``hf_layer_outputs=False`` keeps the fused layers
-(faster; hooks on norms, attention, MLP and their children see HF's values either way).
+the residual to the next layer, as vLLM's own models do, and the lean attention forward
+(``attention_forward.py``) runs the fused ``qkv_proj`` without calling HF's ``q_proj``/``k_proj``/``v_proj``.
+``get_hf_model`` puts HF's layer and attention forwards back by default, so a hook on a whole layer sees
+HF's output and hooks on the q/k/v projections fire; ``hf_layer_outputs=False`` keeps both (faster; hooks
+on norms, attention modules, MLPs and ``o_proj`` see HF's values either way).
 
 Decode step: not on it; hooks registered through it fire inside the step's HF module calls.
 """
@@ -50,21 +52,26 @@ def get_hf_model(llm: Any, hf_layer_outputs: bool = True) -> nn.Module:
     Its module names are HF's, relative to the body: a causal model's ``model.layers[5].mlp`` in HF is
     ``get_hf_model(llm).layers[5].mlp``. Only single-process engines are reachable (TP = PP = 1); its
     activations come flattened as one batch of all scheduled tokens (``[1, num_tokens, hidden]``).
-    ``hf_layer_outputs``: decoder layers return HF's hidden states (residual fusion undone for this engine).
+    ``hf_layer_outputs``: decoder layers return HF's hidden states and attention modules run HF's forward
+    (residual fusion and lean attention undone for this engine).
     """
     model = backend_model(llm)
     if not llm.llm_engine.model_config.enforce_eager:
         logger.warning("CUDA graphs are on: forward hooks will not fire on decode steps (graph replay runs no "
                        "Python). Build the LLM with enforce_eager=True to observe every step.")
     if hf_layer_outputs:
+        from .attention_forward import restore_hf_attention
         from .residual import unfuse_residual_norms
 
-        undone = unfuse_residual_norms(model.model)
-        if undone:
+        for name, undo, what in (("residual", unfuse_residual_norms, "decoder layers"),
+                                 ("attention_forward", restore_hf_attention, "attention modules")):
+            undone = undo(model.model)
+            if not undone:
+                continue
             for speed_pass in model.speed_passes:  # what doctor(llm) lists is what runs
-                if speed_pass.name == "residual":
-                    speed_pass.status, speed_pass.reason = "undone", "get_hf_model(llm) put HF's layer forwards back"
+                if speed_pass.name == name:
+                    speed_pass.status, speed_pass.reason = "undone", "get_hf_model(llm) put HF's forwards back"
                     speed_pass.replacements = []
-            logger.info("residual fusion undone on %d decoder layers: hooks on whole layers see HF's outputs "
-                        "(get_hf_model(llm, hf_layer_outputs=False) keeps it)", undone)
+            logger.info("%s undone on %d %s: hooks see HF's modules run (get_hf_model(llm, "
+                        "hf_layer_outputs=False) keeps it)", name, undone, what)
     return model.model

@@ -3,7 +3,8 @@
 Decode step: these replacements are what makes the HF code run like vLLM's own
 model (see README "Layout"): vLLM RMS norms (:mod:`.layers`), q/k/v and gate/up as one GEMM each and the
 gated MLP's activation as one kernel (:mod:`.fusion`), the rotation through vLLM's rotary kernel and
-cos/sin from a table computed once (:mod:`.rotary`), the residual adds inside vLLM's fused add-and-norm
+cos/sin from a table computed once (:mod:`.rotary`), a standard attention forward as vLLM's attention
+layers run it, on token rows (:mod:`.attention_forward`), the residual adds inside vLLM's fused add-and-norm
 (:mod:`.residual`); and, first, before the backend swaps HF's linears for vLLM's, mixture-of-experts blocks'
 experts as one ``FusedMoE`` each (:mod:`.moe`; ``before_linears``: the experts it takes must not become
 per-expert vLLM linears).
@@ -189,6 +190,7 @@ class SpeedPass:
 def speed_passes() -> Tuple[SpeedPass, ...]:
     """Every pass, in the order they run on a built model: later ones build on earlier ones (the gated
     MLP on fused projections, the residual fusion on vLLM norms)."""
+    from .attention_forward import AttentionForward
     from .fusion import GluFusion, ProjectionFusion
     from .layers import RmsNormPass
     from .moe import FusedExperts
@@ -196,7 +198,7 @@ def speed_passes() -> Tuple[SpeedPass, ...]:
     from .rotary import RotaryKernel, RotaryTable
 
     return (FusedExperts(), RmsNormPass(), ProjectionFusion(), GluFusion(), RotaryKernel(), RotaryTable(),
-            ResidualFusion())
+            AttentionForward(), ResidualFusion())
 
 
 def run_speed_passes(build: Build) -> List[PassReport]:

@@ -1,0 +1,146 @@
+"""The lean attention forward (``attention_forward.py``): which HF attention classes qualify (the CPU probe, on
+the real classes and on variants with one extra step each), that the engine runs it (HF's forward never
+called) and generates HF's tokens with it, and that switching it off or live-model access restores HF's
+forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import (ARCHITECTURES, PROMPTS, Engine, hf_greedy, interface_supported, require_architecture,
+                           vllm_greedy)
+from vllm_transformers_backend.attention import ATTN_IMPLEMENTATION, register_attention_function
+from vllm_transformers_backend.attention_forward import ATTENTION_ENV, is_lean, standard_attention_problem
+from vllm_transformers_backend.live import backend_model, get_hf_model
+
+#: Attention classes whose forward is the standard one (q/k/v, NeoX rotation, attention, o_proj).
+LEAN = {"llama", "qwen2", "mistral", "gemma", "gemma2", "granite"}
+#: The others, each with a step the lean forward does not do (and no fused rotation for the last four).
+KEPT = {"qwen3": "q/k norms", "olmo2": "q/k norms", "gemma3": "q/k norms", "cohere": "interleaved rotation",
+        "gpt2": "no q/k/v", "gpt_neox": "partial rotation", "opt": "no rotation"}
+
+
+def _attention_module(arch: str, **overrides):
+    import transformers
+
+    factory, _ = ARCHITECTURES[arch]
+    config = factory()
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    register_attention_function()  # the probe runs the forward as the engine does: through "vllm"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION).eval()
+    return model.model.layers[0].self_attn
+
+
+def _problem(module) -> str | None:
+    q, k, v, o = module.q_proj, module.k_proj, module.v_proj, module.o_proj
+    return standard_attention_problem(module, (q.out_features, k.out_features, v.out_features), module.head_dim,
+                                      q.in_features, o.out_features, q.bias is not None, o.bias is not None)
+
+
+@pytest.mark.parametrize("arch", sorted(LEAN | {"qwen3", "olmo2", "gemma3", "cohere"}))
+def test_probe_accepts_the_standard_attention_classes_only(arch):
+    require_architecture(arch)
+    problem = _problem(_attention_module(arch))
+    if arch in LEAN:
+        assert problem is None, f"{arch}: {problem}"
+    else:
+        assert problem is not None, f"{arch} has {KEPT[arch]}: its attention must keep HF's forward"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_probe_accepts_biases_and_every_grouping(arch, kv_heads):
+    module = _attention_module(arch, num_key_value_heads=kv_heads, num_attention_heads=4)
+    assert _problem(module) is None
+
+
+def _variant(step: str):
+    """A Llama attention with one step the standard forward does not have."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class Variant(LlamaAttention):
+        def forward(self, hidden_states, *args, **kwargs):
+            if step == "clamp":  # visible only at large inputs (OLMo's clip_qkv is of this kind)
+                hidden_states = hidden_states.clamp(-5.0, 5.0)
+            if step == "rotation":
+                cos, sin = kwargs["position_embeddings"]
+                kwargs["position_embeddings"] = (cos, sin * 0.5)
+            out, weights = super().forward(hidden_states, *args, **kwargs)
+            return (out * 1.5 if step == "scaled" else out), weights
+
+    module = _attention_module("llama")
+    module.__class__ = Variant
+    return module
+
+
+@pytest.mark.parametrize("step", ["clamp", "rotation", "scaled"])
+def test_probe_refuses_a_forward_with_one_more_step(step):
+    assert "is not o_proj(attention(rotate(q), rotate(k), v))" in _problem(_variant(step))
+
+
+def test_probe_refuses_a_scale_other_than_the_scaling_attribute():
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class OwnScale(LlamaAttention):
+        def forward(self, hidden_states, *args, **kwargs):  # passes half its scaling attribute
+            wanted, self.scaling = self.scaling, self.scaling / 2
+            try:
+                return super().forward(hidden_states, *args, **kwargs)
+            finally:
+                self.scaling = wanted
+
+    module = _attention_module("llama")
+    module.__class__ = OwnScale
+    assert "softmax scale" in _problem(module)
+
+
+def _attention_modules(llm):
+    body = get_hf_model(llm, hf_layer_outputs=False)
+    return [layer.self_attn for layer in body.layers]
+
+
+@pytest.mark.parametrize("arch", sorted(LEAN | {"qwen3", "olmo2"}))
+def test_engine_runs_the_lean_forward_and_generates_hf_tokens(arch, checkpoints, monkeypatch):
+    """Batches mixing prompt lengths, decode steps and a prompt joining mid-decode; HF's class forward counted."""
+    require_architecture(arch)
+    if not interface_supported(arch):
+        pytest.skip(f"{arch} has no attention interface in this transformers")
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    path = checkpoints(arch)
+    expected = hf_greedy(path, PROMPTS, 10)
+    with Engine(path, "transformers", max_num_seqs=3) as llm:
+        modules = _attention_modules(llm)
+        assert all(is_lean(m) for m in modules) == (arch in LEAN), arch
+        assert any(is_lean(m) for m in modules) == (arch in LEAN), arch
+        cls = type(modules[0])
+        calls = []
+        original = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        assert vllm_greedy(llm, PROMPTS, 10) == expected
+        # the lean forward never falls back to HF's inside the engine (max_num_seqs=3: prompts join later)
+        assert (not calls) == (arch in LEAN), f"{arch}: HF's forward ran {len(calls)} times"
+        report = next(r for r in backend_model(llm).speed_passes if r.name == "attention_forward")
+        assert report.replaced == (len(modules) if arch in LEAN else 0), report.line()
+
+
+def test_switched_off_and_live_access_restore_hf_forward(checkpoints, monkeypatch):
+    path = checkpoints("llama")
+    expected = hf_greedy(path, PROMPTS, 8)
+    monkeypatch.setenv(ATTENTION_ENV, "0")
+    with Engine(path, "transformers") as llm:
+        assert not any(is_lean(m) for m in _attention_modules(llm))
+        assert vllm_greedy(llm, PROMPTS, 8) == expected
+    monkeypatch.delenv(ATTENTION_ENV)
+    with Engine(path, "transformers") as llm:
+        assert all(is_lean(m) for m in _attention_modules(llm))
+        body = get_hf_model(llm)  # hf_layer_outputs=True: hooks on q/k/v projections must fire
+        seen = []
+        handle = body.layers[0].self_attn.q_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        assert not any(is_lean(layer.self_attn) for layer in body.layers)
+        assert vllm_greedy(llm, PROMPTS, 8) == expected
+        handle.remove()
+        assert seen, "q_proj's hook did not fire after live-model access"
+        report = next(r for r in backend_model(llm).speed_passes if r.name == "attention_forward")
+        assert report.status == "undone"

@@ -11,16 +11,26 @@ the other (each sizes its KV cache from the device memory it sees in use).
 * ``{"cmd": "warmup", "workload": {...}}``: a few prompts of the workload through ``LLM.generate``;
 * ``{"cmd": "add", "workload": {...}}``: the workload's requests added (deterministic random prompts);
 * ``{"cmd": "round", "steps": K}``: up to K engine steps, timed (``step_timer``), then a device sync;
-  the reply holds the wall and process CPU time and every step's record;
+  the reply holds the wall and process CPU time and every step's record (and, with ``--gc frozen``, the
+  time of the untimed collection before the round);
 * ``{"cmd": "abort"}``: drops the unfinished requests (a pass cut short by the time budget);
 * ``{"cmd": "profile", "workload": {...}, "skip": S, "steps": N, "label": ...}``: the workload's
   requests added, S steps untimed, N steps under ``torch.profiler``, the rest aborted; replies with the
   kernel (CUDA) and operator (host) tables per step;
 * ``{"cmd": "quit"}``.
+
+Garbage collection (``--gc``): vLLM 0.6.2's block manager keeps one Python object per KV-cache block (hundreds
+of thousands on a large GPU), so a full collection that falls inside a round stalls that engine for tenths of
+a second. On the H200 (2026-12-04) decode rounds of identical CUDA-graph replays differed by up to 1.6x between
+the engines, the excess all in vLLM's own schedule / sample / process phases. ``frozen`` (the default) moves
+what is alive after the engine's start into the permanent generation (``gc.freeze``), collects before each
+round outside the timing and holds collection off during it, so both engines are timed on their steps alone;
+``python`` leaves Python's collector as it is (each engine's pauses wherever they fall).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -74,6 +84,9 @@ class EngineWorker:
                        if getattr(runner, "graph_runners", None) else []},
             "env": environment(args.device), "pid": os.getpid(),
         }
+        if args.gc == "frozen":
+            gc.collect()
+            gc.freeze()
         if args.device == "cuda":
             import torch
 
@@ -121,17 +134,28 @@ class EngineWorker:
         return {"add_s": time.perf_counter() - start, "requests": n}
 
     def round(self, steps: int) -> Dict[str, Any]:
-        self._sync()
-        cpu_start = time.process_time()
-        start = time.perf_counter()
-        for _ in range(steps):
-            if not self.engine.has_unfinished_requests():
-                break
-            self.timer.step()
-        self._sync()
-        wall = time.perf_counter() - start
+        frozen = self.args.gc == "frozen"
+        gc_s = None
+        if frozen:
+            start = time.perf_counter()
+            gc.collect()
+            gc_s = time.perf_counter() - start
+            gc.disable()
+        try:
+            self._sync()
+            cpu_start = time.process_time()
+            start = time.perf_counter()
+            for _ in range(steps):
+                if not self.engine.has_unfinished_requests():
+                    break
+                self.timer.step()
+            self._sync()
+            wall = time.perf_counter() - start
+        finally:
+            if frozen:
+                gc.enable()
         return {"wall_s": wall, "cpu_s": time.process_time() - cpu_start, "steps": self.timer.take(),
-                "done": not self.engine.has_unfinished_requests()}
+                "done": not self.engine.has_unfinished_requests(), "gc_s": gc_s}
 
     def abort(self) -> Dict[str, Any]:
         ids = [group.request_id for scheduler in self.engine.scheduler
@@ -210,6 +234,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--load-format", default=None)
+    parser.add_argument("--gc", choices=["frozen", "python"], default="frozen", help="see the module docstring")
     parser.add_argument("--cmd-fd", type=int, required=True)
     parser.add_argument("--result-fd", type=int, required=True)
     args = parser.parse_args(argv)

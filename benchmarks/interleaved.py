@@ -204,7 +204,8 @@ def _round_entry(reply: Dict[str, Any]) -> Dict[str, Any]:
                              "tokens": sum(s.get("tokens", 0) for s in steps),
                              "generated": sum(s.get("generated", 0) for s in steps),
                              "kinds": sorted({s["kind"] for s in steps}),
-                             "preempted": sum(s.get("preempted", 0) for s in steps)}
+                             "preempted": sum(s.get("preempted", 0) for s in steps),
+                             "gc_s": reply.get("gc_s")}
     for key in ("schedule", "prepare", "forward", "logits", "sample", "process", "other",
                 "device_forward", "device_logits", "device_sample"):
         values = [s[key] for s in steps if s.get(key) is not None]
@@ -262,6 +263,7 @@ class Comparison:
             argv.append("--enforce-eager")
         if a.load_format:
             argv += ["--load-format", a.load_format]
+        argv += ["--gc", a.gc]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         if a.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -519,6 +521,11 @@ def report(inv: Dict[str, Any], target: float) -> str:
                      f"{_fmt_ratio(s['median'], s['interval'])} | {_fmt_ratio(s['total_ratio'], s['total_interval'])} | "
                      f"{r['tok_s']['native'] or 0:.1f} | {r['tok_s']['backend'] or 0:.1f} | "
                      f"{'yes' if s['resolved'] else 'NO'} |")
+    collected = {impl: [r[impl]["gc_s"] for w in inv["workloads"].values() for r in w.get("rounds", [])
+                        if r.get(impl) and r[impl].get("gc_s") is not None] for impl in ("native", "backend")}
+    if all(collected.values()):
+        lines += ["", "Collection before each round (untimed; --gc frozen), median ms: " + ", ".join(
+            f"{impl} {1e3 * statistics.median(v):.2f} (max {1e3 * max(v):.1f})" for impl, v in collected.items())]
     suffix = "_cpu" if metric == "cpu" else ""
     lines += ["", f"Per step (medians, ms; phases by {metric} time, exclusive; host = wall - wait, the host's own "
               "time; dev = device span):", "",
@@ -622,6 +629,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--load-format", default=None, choices=["dummy"], help="dummy: vLLM's own random weights "
                    "(uniform +/-1e-3, no checkpoint to write and read: saves minutes for the 8B shape); start times "
                    "then leave out weight loading")
+    p.add_argument("--gc", choices=["frozen", "python"], default="frozen",
+                   help="frozen: each engine's heap frozen after start, collected before each round (untimed) and "
+                        "not during it; python: Python's collector as it is (engine_worker.py says why)")
     p.add_argument("--profile", action="store_true", help="kernel/op tables of a prefill and decode steps at the end")
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--profile-top", type=int, default=25)

@@ -67,6 +67,7 @@ def test_smoke_run_end_to_end(checkpoints, tmp_path):
         for r in rounds:
             for side in ("native", "backend"):
                 assert r[side]["cpu_s"] > 0 and r[side]["wall_s"] > 0 and 1 <= r[side]["steps"] <= r["k"]
+                assert r[side]["gc_s"] >= 0  # --gc frozen (the default): collected before the round, untimed
             assert r["native"]["tokens"] == r["backend"]["tokens"] and r["ratio"] > 0
         assert result["stats"]["metric"] == "cpu" and result["stats"]["median"] > 0
         for impl in ("vllm", "transformers"):
@@ -80,6 +81,7 @@ def test_smoke_run_end_to_end(checkpoints, tmp_path):
     assert {impl for impl, _ in profiles} == {"vllm", "transformers"} and len(profiles) >= 4
     assert all(p["host_ops_per_step"] > 0 and p["host_ops"] for p in profiles.values())
     assert "backend/native" in proc.stdout and "| decode |" in proc.stdout
+    assert "Collection before each round (untimed; --gc frozen)" in proc.stdout
 
 
 def test_step_timer_cuda_path_with_stand_in_events(checkpoints, monkeypatch):

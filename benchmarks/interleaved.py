@@ -109,6 +109,15 @@ def ratio_stats(rounds: List[Dict[str, Any]], target: float, metric: str = "wall
 # --- the children ----------------------------------------------------------------------------------------
 
 
+def engine_cpus(count: Optional[int], device: str) -> List[int]:
+    """The cores both engines are pinned to (engine_worker.py says why): the first ``count`` of this process's
+    (default 4 on CUDA; none on the CPU engine, whose kernels use every core)."""
+    if count is None:
+        count = 4 if device == "cuda" else 0
+    available = sorted(os.sched_getaffinity(0))
+    return available[:count] if 0 < count < len(available) else []
+
+
 class ChildError(RuntimeError):
     pass
 
@@ -264,6 +273,9 @@ class Comparison:
         if a.load_format:
             argv += ["--load-format", a.load_format]
         argv += ["--gc", a.gc]
+        cpus = engine_cpus(a.pin_cpus, a.device)
+        if cpus:
+            argv += ["--cpus", ",".join(map(str, cpus))]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         if a.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -632,6 +644,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--gc", choices=["frozen", "python"], default="frozen",
                    help="frozen: each engine's heap frozen after start, collected before each round (untimed) and "
                         "not during it; python: Python's collector as it is (engine_worker.py says why)")
+    p.add_argument("--pin-cpus", type=int, default=None, help="pin both engines to the same first N cores "
+                   "(default 4 on cuda, 0 = no pinning; engine_worker.py says why)")
     p.add_argument("--profile", action="store_true", help="kernel/op tables of a prefill and decode steps at the end")
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--profile-top", type=int, default=25)

@@ -127,3 +127,10 @@ def test_step_timer_cuda_path_with_stand_in_events(checkpoints, monkeypatch):
     assert len(syncs) >= len(records)  # one wait per step, plus the resolve
     summary = summarize(records)
     assert summary["decode"]["steps"] == 3 and summary["decode"]["device_forward_ms"] > 0
+
+
+def test_engines_are_pinned_to_the_same_cores_on_cuda_only():
+    cores = sorted(os.sched_getaffinity(0))
+    assert interleaved.engine_cpus(0, "cuda") == [] and interleaved.engine_cpus(None, "cpu") == []
+    assert interleaved.engine_cpus(None, "cuda") == (cores[:4] if len(cores) > 4 else [])
+    assert interleaved.engine_cpus(1, "cuda") == (cores[:1] if len(cores) > 1 else [])

@@ -15,9 +15,9 @@ from vllm_transformers_backend.live import backend_model, get_hf_model
 
 #: Attention classes whose forward is the standard one (q/k/v, NeoX rotation, attention, o_proj).
 LEAN = {"llama", "qwen2", "mistral", "gemma", "gemma2", "granite"}
-#: The others, each with a step the lean forward does not do (and no fused rotation for the last four).
-KEPT = {"qwen3": "q/k norms", "olmo2": "q/k norms", "gemma3": "q/k norms", "cohere": "interleaved rotation",
-        "gpt2": "no q/k/v", "gpt_neox": "partial rotation", "opt": "no rotation"}
+#: Attention classes with a step the lean forward does not do (GPT-2, GPT-NeoX and OPT are no sites at all:
+#: no separate q/k/v or no rotation through vLLM's kernel).
+KEPT = {"qwen3": "q/k norms", "olmo2": "q/k norms", "gemma3": "q/k norms", "cohere": "interleaved rotation"}
 
 
 def _attention_module(arch: str, **overrides):
@@ -39,7 +39,7 @@ def _problem(module) -> str | None:
                                       q.in_features, o.out_features, q.bias is not None, o.bias is not None)
 
 
-@pytest.mark.parametrize("arch", sorted(LEAN | {"qwen3", "olmo2", "gemma3", "cohere"}))
+@pytest.mark.parametrize("arch", sorted(LEAN | set(KEPT)))
 def test_probe_accepts_the_standard_attention_classes_only(arch):
     require_architecture(arch)
     problem = _problem(_attention_module(arch))
@@ -144,3 +144,22 @@ def test_switched_off_and_live_access_restore_hf_forward(checkpoints, monkeypatc
         assert seen, "q_proj's hook did not fire after live-model access"
         report = next(r for r in backend_model(llm).speed_passes if r.name == "attention_forward")
         assert report.status == "undone"
+
+
+def test_without_a_rotary_table_the_first_layer_falls_back_and_tokens_stay_hf(checkpoints, monkeypatch):
+    """No cos|sin table computed once (rotary_table off): the first layer of a step finds no kernel table and
+    runs HF's forward, whose rotation builds the step's table; the later layers run the lean forward on it."""
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    monkeypatch.setenv("VLLM_TRANSFORMERS_BACKEND_ROTARY_TABLE", "0")
+    path = checkpoints("llama")
+    expected = hf_greedy(path, PROMPTS, 8)
+    with Engine(path, "transformers") as llm:
+        modules = _attention_modules(llm)
+        assert len(modules) == 2 and all(is_lean(m) for m in modules)
+        cls = type(modules[0])
+        layers = []
+        original = cls.forward
+        monkeypatch.setattr(cls, "forward",
+                            lambda self, *a, **k: layers.append(self.layer_idx) or original(self, *a, **k))
+        assert vllm_greedy(llm, PROMPTS, 8) == expected
+        assert layers and set(layers) == {0}, layers

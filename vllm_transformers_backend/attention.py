@@ -76,6 +76,12 @@ class AttentionContext:
         #: Layers whose attention ran through the interface; recorded on the first step only.
         self.called: Optional[Set[int]] = set() if record_calls else None
 
+    def first_forward_call(self, layer_idx: int, attn: Any, scaling: Any, head_dim: int) -> None:
+        """A layer's attention call on the model's first forward (``called`` is set: vLLM's eager profiling
+        run): recorded for the dispatch check, and the softmax scale HF passes adopted (:func:`adopt_scaling`)."""
+        self.called.add(layer_idx)
+        adopt_scaling(attn, scaling, head_dim, layer_idx)
+
 
 _ACTIVE: Optional[AttentionContext] = None
 
@@ -128,8 +134,7 @@ def vllm_attention_forward(
             ctx.called.add(layer_idx)
         return attn(module, query, key, value, scaling, **kwargs)
     if ctx.called is not None:  # the model's first forward only (vLLM's eager profiling run)
-        ctx.called.add(layer_idx)
-        adopt_scaling(attn, scaling, query.shape[-1], layer_idx)
+        ctx.first_forward_call(layer_idx, attn, scaling, query.shape[-1])
     num_tokens = query.shape[-2]
     out = attn(vllm_rows(query), vllm_rows(key), vllm_rows(value), ctx.kv_caches[layer_idx - ctx.start_layer],
                ctx.attn_metadata)

@@ -37,12 +37,12 @@ from torch import nn
 
 from vllm import _custom_ops as ops
 
-from . import devices, envs
-from .attention import AttentionContext, adopt_scaling, attention_context, get_attention_context
+from . import devices, envs, runtime
+from .attention import AttentionContext, attention_context, get_attention_context
 from .fusion import FUSE_ENV, QKV_NAMES, FusedSlice
 from .layers import linear_rows
 from .passes import Build, Replacement, SpeedPass, Verdict
-from .rotary import reference_rotary
+from .rotary import RotaryKernel, reference_rotary
 
 ATTENTION_ENV = "VLLM_TRANSFORMERS_BACKEND_FUSE_ATTENTION"
 
@@ -77,8 +77,7 @@ def _lean_attention_forward(self: nn.Module, hidden_states: torch.Tensor, *args:
     layer_idx = self.layer_idx
     attn = ctx.instances[layer_idx]
     if ctx.called is not None:  # the model's first forward (vLLM's eager profiling run)
-        ctx.called.add(layer_idx)
-        adopt_scaling(attn, getattr(self, "scaling", None), lean.head_dim, layer_idx)
+        ctx.first_forward_call(layer_idx, attn, getattr(self, "scaling", None), lean.head_dim)
     qkv = linear_rows(self.q_proj.fused_layer, hidden_states[0])
     q, k, v = qkv.split(lean.sizes, dim=-1)
     ops.rotary_embedding(step.positions, q, k, lean.head_dim, step.table, True)
@@ -219,9 +218,10 @@ def _formula(x: torch.Tensor, projections: Dict[str, nn.Linear], o_proj: nn.Line
 # --- the pass --------------------------------------------------------------------------------------
 
 
-def _rotates_through_kernel(module: nn.Module) -> bool:
+def _rotates_through_kernel(module: nn.Module, owner: Any) -> bool:
+    """Whether the rotary pass bound ``module``'s modeling function to vLLM's kernel for this model (``owner``)."""
     modeling = sys.modules.get(type(module).__module__)
-    return bool(getattr(getattr(modeling, "apply_rotary_pos_emb", None), "vtb_rotary_kernel", False))
+    return modeling is not None and runtime.bound_by(modeling, "apply_rotary_pos_emb", owner) == RotaryKernel.name
 
 
 def _qkv_group(module: nn.Module) -> Optional[Any]:
@@ -257,7 +257,7 @@ class AttentionForward(SpeedPass):
 
     def validate(self, module: nn.Module, build: Build) -> Verdict:
         name = type(module).__name__
-        if not _rotates_through_kernel(module):
+        if not _rotates_through_kernel(module, build.owner):
             return Verdict(f"{name}: its modeling module does not rotate through vLLM's kernel")
         head_dim = getattr(module, "head_dim", None)
         if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:

@@ -131,8 +131,6 @@ def make_fused(original: Callable, module_name: str = "") -> Callable:
         return q, k
 
     fused_apply_rotary_pos_emb.__wrapped__ = original  # type: ignore[attr-defined]
-    # what the attention_forward pass reads: this modeling module's rotation is vLLM's kernel's
-    fused_apply_rotary_pos_emb.vtb_rotary_kernel = True  # type: ignore[attr-defined]
     return fused_apply_rotary_pos_emb
 
 

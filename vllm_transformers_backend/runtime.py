@@ -84,6 +84,15 @@ def _release(key: Tuple[int, str], binding: Binding, user_id: int) -> None:
         setattr(binding.module, binding.attr, binding.original)
 
 
+def bound_by(module: ModuleType, attr: str, user: Any) -> Optional[str]:
+    """The pass whose binding ``module.attr`` is, when it is in place for ``user`` (a model among its users, or
+    a binding kept for the process); None otherwise (never rebound, put back, or another model's)."""
+    binding = _BINDINGS.get((id(module), attr))
+    if binding is None or getattr(module, attr, None) is not binding.replacement:
+        return None
+    return binding.by if binding.users is None or id(user) in binding.users else None
+
+
 def original(module: ModuleType, attr: str) -> Any:
     """``module.attr`` as it was before the backend rebound it (as it is, if it did not)."""
     binding = _BINDINGS.get((id(module), attr))

@@ -31,6 +31,11 @@ CPU pinning (``--cpus``, set by the parent on CUDA): both engines on the same fe
 the host phases of one engine (vLLM's schedule / prepare / sample / process, code both run) came out 30%
 slower than the other's in one invocation and 9-14% faster in the next, every phase alike: the two processes
 ran on cores of different speed. The engines run one at a time, so sharing the cores costs neither.
+
+Start phases (``start_phases`` in the ready reply): where ``LLM()``'s time went, by wrapping the worker's
+``load_model`` (model build and weights), ``determine_num_available_blocks`` (the profile run) and
+``initialize_cache`` (KV cache allocation and, on CUDA, graph capture, also timed alone as ``capture_model``),
+so that a start-time difference between the engines can be placed.
 """
 from __future__ import annotations
 
@@ -50,6 +55,45 @@ sys.path.insert(0, str(HERE))
 from bench_specs import Workload, make_prompts  # noqa: E402
 
 
+#: (module, class, method, phase name): the parts of ``LLM()`` timed on whichever classes this vLLM has.
+START_PHASES = (
+    ("vllm.worker.worker", "Worker", "load_model", "load_model"),
+    ("vllm.worker.worker", "Worker", "determine_num_available_blocks", "profile_run"),
+    ("vllm.worker.worker", "Worker", "initialize_cache", "initialize_cache"),
+    ("vllm.worker.model_runner", "GPUModelRunnerBase", "capture_model", "capture_model"),
+    ("vllm.worker.cpu_worker", "CPUWorker", "load_model", "load_model"),
+    ("vllm.worker.cpu_worker", "CPUWorker", "determine_num_available_blocks", "profile_run"),
+    ("vllm.worker.cpu_worker", "CPUWorker", "initialize_cache", "initialize_cache"),
+)
+
+
+def time_start_phases(phases: Dict[str, float]) -> None:
+    """Adds each start phase's wall time to ``phases`` as the engine builds (a class this vLLM lacks is skipped:
+    the CPU build has no CUDA worker and the other way round)."""
+    import functools
+    import importlib
+
+    for module_name, class_name, method, label in START_PHASES:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue
+        inner = cls.__dict__.get(method)
+        if inner is None or getattr(inner, "_timed_phase", None):
+            continue
+
+        def timed(*a, _inner=inner, _label=label, **k):
+            t = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                phases[_label] = phases.get(_label, 0.0) + time.perf_counter() - t
+
+        functools.update_wrapper(timed, inner)
+        timed._timed_phase = label
+        setattr(cls, method, timed)
+
+
 class EngineWorker:
     def __init__(self, args: argparse.Namespace) -> None:
         from vllm import LLM
@@ -59,6 +103,8 @@ class EngineWorker:
 
         self.args = args
         self.device = args.device
+        phases: Dict[str, float] = {}
+        time_start_phases(phases)
         cpu_start = time.process_time()
         start = time.perf_counter()
         self.llm = LLM(model=str(args.checkpoint), model_impl=args.impl, dtype=args.dtype, device=args.device,
@@ -75,7 +121,7 @@ class EngineWorker:
         self.next_id = 0
         self.ready = {
             "event": "ready", "impl": args.impl, "model_class": type(runner.model).__name__, "start_s": self.start_s,
-            "start_cpu_s": start_cpu_s,
+            "start_cpu_s": start_cpu_s, "start_phases": phases,
             "weight_bytes": parameter_bytes(runner.model),
             "loaded_bytes": getattr(runner, "model_memory_usage", None),  # vLLM's "Loading model weights took"
             "engine": {"max_model_len": args.max_model_len, "load_format": args.load_format or "auto",

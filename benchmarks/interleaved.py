@@ -517,6 +517,11 @@ def report(inv: Dict[str, Any], target: float) -> str:
                          f"{b['weight_bytes'] / n['weight_bytes']:.3f}x" + (
                              f", loaded {b['loaded_bytes'] / n['loaded_bytes']:.3f}x" if b.get("loaded_bytes") and
                              n.get("loaded_bytes") else ""))
+            phases = sorted(set(n.get("start_phases", {})) | set(b.get("start_phases", {})))
+            if phases:
+                lines.append("start phases, s (native / backend): " + ", ".join(
+                    f"{k} {n.get('start_phases', {}).get(k, 0):.1f} / {b.get('start_phases', {}).get(k, 0):.1f}"
+                    for k in phases) + f"; started first: {LABEL[inv['options'].get('first', 'vllm')]}")
         lines.append("")
     metric = next((r["stats"].get("metric") for r in inv["workloads"].values()), None) or "wall"
     lines += [f"Backend throughput relative to native, per round by {metric} time (native time / backend time):", "",

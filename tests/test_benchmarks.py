@@ -59,6 +59,10 @@ def test_smoke_run_end_to_end(checkpoints, tmp_path):
     assert inv["engines"]["transformers"]["model_class"] == "TransformersForCausalLM"
     assert inv["engines"]["vllm"]["weight_bytes"] == inv["engines"]["transformers"]["weight_bytes"]
     assert inv["host"]["git_commit"] and inv["command"].endswith("--budget-s 240")
+    for impl in ("vllm", "transformers"):  # where LLM()'s time went: each phase inside the whole start
+        phases = inv["engines"][impl]["start_phases"]
+        assert {"load_model", "profile_run", "initialize_cache"} <= set(phases)
+        assert 0 < sum(phases.values()) <= inv["engines"][impl]["start_s"]
     for name in ("decode", "prefill"):
         result = inv["workloads"][name]
         rounds = result["rounds"]

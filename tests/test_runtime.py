@@ -55,12 +55,13 @@ def test_doctor_lists_the_models_replacements_and_the_binding_is_scoped(checkpoi
     result = doctor.report(llm)
     passes = {p["pass"]: p for p in result["model"]["speed_passes"]}
     assert list(passes) == ["moe", "rms_norm", "projections", "glu", "rotary", "rotary_table", "attention_forward",
-                            "residual"]
+                            "residual", "body_forward"]
     # a 2-layer Llama: no MoE block (and no fused MoE kernel on the CPU), 5 norms, 2 q/k/v + 2 gate/up groups,
-    # 2 MLPs, 1 modeling module, 1 rotary module, 2 attention modules, 2 layers
+    # 2 MLPs, 1 modeling module, 1 rotary module, 2 attention modules, 2 layers, 1 body
     assert {name: (p["status"], p["replaced"]) for name, p in passes.items()} == {
         "moe": ("n/a", 0), "rms_norm": ("on", 5), "projections": ("on", 4), "glu": ("on", 2), "rotary": ("on", 1),
-        "rotary_table": ("on", 1), "attention_forward": ("on", 2), "residual": ("on", 2)}
+        "rotary_table": ("on", 1), "attention_forward": ("on", 2), "residual": ("on", 2),
+        "body_forward": ("on", 1)}
     assert passes["rotary"]["replacements"] == [{"target": f"{LLAMA}.apply_rotary_pos_emb",
                                                  "by": "vLLM rotary_embedding kernel", "count": 1, "scope": "process"}]
     [binding] = [r for r in result["process_replacements"] if r["target"] == f"{LLAMA}.apply_rotary_pos_emb"]
@@ -105,5 +106,6 @@ def test_switched_off_passes_are_reported_as_off(checkpoints, monkeypatch, one_p
         "rotary_table": ("on", ""),
         "attention_forward": ("off", "VLLM_TRANSFORMERS_BACKEND_FUSE=0"),
         "residual": ("off", "VLLM_TRANSFORMERS_BACKEND_FUSE=0"),
+        "body_forward": ("off", "VLLM_TRANSFORMERS_BACKEND_FUSE=0"),
     }
     assert type(model.model.norm).__name__ == "LlamaRMSNorm"  # HF's own module kept

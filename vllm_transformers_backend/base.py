@@ -34,9 +34,11 @@ from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.sequence import IntermediateTensors
 
-from . import compat, devices, fusion, hf_model as hf, kernels, lora, moe, pipeline, quantization, sliding_window
+from . import (body_forward, compat, devices, fusion, hf_model as hf, kernels, lora, moe, pipeline, quantization,
+               sliding_window)
 from ._logging import get_logger, preview
 from .attention import AttentionContext, EncoderOnlyAttention, attention_context, register_attention_function
+from .body_forward import LeanBody
 from .config import BackendConfig, current_backend_config
 from .hf_model import BackendError
 from .layers import GatheredHeadsAttention, make_embedding, make_linear
@@ -142,6 +144,9 @@ class Base(nn.Module):
         #: their cos/sin halves were found equal (rotary.py); empty when the rotary pass did not run.
         self._rotary_modules: Dict[str, Optional[bool]] = dict(rotary.forward_state or {}) if rotary else {}
         self.fused_rotary: Optional[str] = ", ".join(self._rotary_modules) or None
+        body = next((r for r in self.speed_passes if r.name == "body_forward"), None)
+        #: The body's lean forward (body_forward.py), checked against HF's at the first forward; None: HF's body.
+        self._lean_body: Optional[LeanBody] = body.forward_state if body else None
         self.attention_instances: Dict[int, Any] = self._create_attention_instances()
         self._post_init(hf_model)
         self._declare_lora_modules()
@@ -359,10 +364,15 @@ class Base(nn.Module):
     ) -> torch.Tensor:
         if self.is_encoder:
             return self._encoder_forward(input_ids, attn_metadata)
-        ctx = AttentionContext(self.attention_instances, kv_caches, attn_metadata, self.start_layer,
-                               record_calls=not self._dispatch_verified, rotary_modules=self._rotary_modules)
-        hf_inputs: Dict[str, Any] = {"position_ids": positions[None, ...]}
+        ctx = self._attention_context(kv_caches, attn_metadata)
         stage = self.pipeline
+        lean = self._lean_body if stage is None and inputs_embeds is None else None
+        if lean is not None and lean.state == "on":
+            with attention_context(ctx):
+                hidden = lean.forward(ctx, input_ids, positions)
+            if hidden is not None:
+                return hidden
+        hf_inputs: Dict[str, Any] = {"position_ids": positions[None, ...]}
         if stage is not None and not stage.is_first:
             # The previous rank's hidden states go to this rank's first layer (a pre-hook); what the body
             # computes from inputs_embeds before that layer is discarded.
@@ -376,12 +386,20 @@ class Base(nn.Module):
             outputs = self.model(**hf_inputs, use_cache=False, return_dict=False)
         if ctx.called is not None:
             self._verify_dispatch(ctx.called)
+        if lean is not None and lean.state == "pending":
+            lean.check(lambda: self._attention_context(kv_caches, attn_metadata), input_ids, positions,
+                       outputs[0][0, ...])
+            body_forward.record_check(self.speed_passes, lean)
         if stage is not None:
             stage.received = None
             if not stage.is_last:
                 sent, stage.sent = stage.sent, None
                 return IntermediateTensors({"hidden_states": sent[0, ...]})
         return outputs[0][0, ...]
+
+    def _attention_context(self, kv_caches: List[torch.Tensor], attn_metadata: AttentionMetadata) -> AttentionContext:
+        return AttentionContext(self.attention_instances, kv_caches, attn_metadata, self.start_layer,
+                                record_calls=not self._dispatch_verified, rotary_modules=self._rotary_modules)
 
     def _encoder_forward(self, input_ids: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
         """Runs the step's prompts through the HF encoder in batches of equal length and returns their

@@ -14,7 +14,8 @@ Switches (all on by default; ``0``/``false``/``no``/``off`` turn one off, any ot
   vLLM's), ``..._FUSE`` (q/k/v and gate/up as one GEMM each; ``0`` also turns off the passes built on
   fused layers and the residual fusion, as it always did), ``..._FUSE_GLU`` (gated MLP activation as one
   kernel), ``..._FUSE_ATTENTION`` (a standard attention forward as vLLM's attention layers run it),
-  ``..._FUSE_RESIDUAL`` (residual adds in vLLM's add-and-norm kernel), ``..._FUSED_ROTARY``
+  ``..._FUSE_RESIDUAL`` (residual adds in vLLM's add-and-norm kernel), ``..._FUSE_BODY`` (a body of such
+  layers as vLLM's model loop), ``..._FUSED_ROTARY``
   (HF's rotation through vLLM's kernel: ``1`` where ``vllm._C`` serves the device, CUDA and vLLM's CPU
   build, ``all`` also elsewhere, ``0`` never), ``..._ROTARY_TABLE`` (static rotary modules' cos/sin from
   a table computed once), ``..._MOE`` (mixture-of-experts blocks' experts as vLLM's
@@ -74,6 +75,8 @@ environment_variables: Dict[str, Callable[[], Any]] = {
     "VLLM_TRANSFORMERS_BACKEND_FUSE_ATTENTION": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FUSE_ATTENTION", True),
     # Speed pass residual: pre-norm layers' residual adds inside vLLM's fused add-and-norm.
     "VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FUSE_RESIDUAL", True),
+    # Speed pass body_forward: a body of such layers run as vLLM's model loop (checked at the first forward).
+    "VLLM_TRANSFORMERS_BACKEND_FUSE_BODY": lambda: _switch("VLLM_TRANSFORMERS_BACKEND_FUSE_BODY", True),
     # Speed pass rotary: "1" where vllm._C serves the device (CUDA, vLLM's CPU build), "all" on any device, "0" never.
     "VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY": lambda: _rotary("VLLM_TRANSFORMERS_BACKEND_FUSED_ROTARY"),
     # Speed pass moe: "auto" where vLLM's fused MoE kernel runs, "fused" everywhere (its arithmetic in PyTorch

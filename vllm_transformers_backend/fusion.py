@@ -406,6 +406,12 @@ def _glu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.vllm_act_and_mul(gate_up))
 
 
+def is_lean_glu(mlp: nn.Module) -> bool:
+    """Whether the glu pass gave ``mlp`` its ``down(act_and_mul(gate_up(x)))`` forward."""
+    forward = mlp.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _glu_forward
+
+
 class GluFusion(SpeedPass):
     """A standard gated MLP forward -> ``down(act_and_mul(gate_up(x)))``, vLLM's one activation kernel
     instead of HF's activation and product (instance forward of this model's MLPs).

@@ -9,7 +9,8 @@ Hooks fire on every eager forward. With CUDA graphs (vLLM's default on GPUs) dec
 recorded graph and run no Python, so hooks fire only on prefill (and during capture): build the LLM
 with ``enforce_eager=True`` to see every step.
 
-Residual fusion (``residual.py``) makes every decoder layer but the last return only its MLP output and hand
+The body's lean forward (``body_forward.py``) calls no layer, attention or MLP module: ``get_hf_model`` always
+puts HF's body forward back. Residual fusion (``residual.py``) makes every decoder layer but the last return only its MLP output and hand
 the residual to the next layer, as vLLM's own models do, and the lean attention forward
 (``attention_forward.py``) runs the fused ``qkv_proj`` without calling HF's ``q_proj``/``k_proj``/``v_proj``.
 ``get_hf_model`` puts HF's layer and attention forwards back by default, so a hook on a whole layer sees
@@ -59,6 +60,11 @@ def get_hf_model(llm: Any, hf_layer_outputs: bool = True) -> nn.Module:
     if not llm.llm_engine.model_config.enforce_eager:
         logger.warning("CUDA graphs are on: forward hooks will not fire on decode steps (graph replay runs no "
                        "Python). Build the LLM with enforce_eager=True to observe every step.")
+    from .body_forward import restore_hf_body
+
+    if restore_hf_body(model):  # hooks on layers, attention modules and MLPs fire only inside HF's body
+        _mark_undone(model, "body_forward")
+        logger.info("body_forward undone: HF's body forward runs, so hooks on its modules fire")
     if hf_layer_outputs:
         from .attention_forward import restore_hf_attention
         from .residual import unfuse_residual_norms
@@ -68,10 +74,14 @@ def get_hf_model(llm: Any, hf_layer_outputs: bool = True) -> nn.Module:
             undone = undo(model.model)
             if not undone:
                 continue
-            for speed_pass in model.speed_passes:  # what doctor(llm) lists is what runs
-                if speed_pass.name == name:
-                    speed_pass.status, speed_pass.reason = "undone", "get_hf_model(llm) put HF's forwards back"
-                    speed_pass.replacements = []
+            _mark_undone(model, name)
             logger.info("%s undone on %d %s: hooks see HF's modules run (get_hf_model(llm, "
                         "hf_layer_outputs=False) keeps it)", name, undone, what)
     return model.model
+
+
+def _mark_undone(model: nn.Module, name: str) -> None:
+    for speed_pass in model.speed_passes:  # what doctor(llm) lists is what runs
+        if speed_pass.name == name:
+            speed_pass.status, speed_pass.reason = "undone", "get_hf_model(llm) put HF's forwards back"
+            speed_pass.replacements = []

@@ -5,7 +5,8 @@ model (see README "Layout"): vLLM RMS norms (:mod:`.layers`), q/k/v and gate/up 
 gated MLP's activation as one kernel (:mod:`.fusion`), the rotation through vLLM's rotary kernel and
 cos/sin from a table computed once (:mod:`.rotary`), a standard attention forward as vLLM's attention
 layers run it, on token rows (:mod:`.attention_forward`), the residual adds inside vLLM's fused add-and-norm
-(:mod:`.residual`); and, first, before the backend swaps HF's linears for vLLM's, mixture-of-experts blocks'
+(:mod:`.residual`), then the whole body's forward as vLLM's model loop when every layer got those
+(:mod:`.body_forward`); and, first, before the backend swaps HF's linears for vLLM's, mixture-of-experts blocks'
 experts as one ``FusedMoE`` each (:mod:`.moe`; ``before_linears``: the experts it takes must not become
 per-expert vLLM linears).
 
@@ -191,6 +192,7 @@ def speed_passes() -> Tuple[SpeedPass, ...]:
     """Every pass, in the order they run on a built model: later ones build on earlier ones (the gated
     MLP on fused projections, the residual fusion on vLLM norms)."""
     from .attention_forward import AttentionForward
+    from .body_forward import BodyForward
     from .fusion import GluFusion, ProjectionFusion
     from .layers import RmsNormPass
     from .moe import FusedExperts
@@ -198,7 +200,7 @@ def speed_passes() -> Tuple[SpeedPass, ...]:
     from .rotary import RotaryKernel, RotaryTable
 
     return (FusedExperts(), RmsNormPass(), ProjectionFusion(), GluFusion(), RotaryKernel(), RotaryTable(),
-            AttentionForward(), ResidualFusion())
+            AttentionForward(), ResidualFusion(), BodyForward())
 
 
 def run_speed_passes(build: Build) -> List[PassReport]:

@@ -32,7 +32,7 @@ class EngineRun:
     parameter_devices: Set[str]
     loaded_bytes: Optional[int]  # vLLM's "Loading model weights took" (device memory delta), GPU runner only
     norm_classes: Set[str]  # classes of the modules named ``*norm``
-    speed_paths: Set[str]  # the backend's replacements that engaged: "residual", "act_and_mul", "rotary", "fused_moe"
+    speed_paths: Set[str]  # replacements that engaged: "residual", "act_and_mul", "rotary", "body_forward"... 
     quantization: Optional[str] = None  # the method vLLM resolved (``gptq_marlin`` for a GPTQ checkpoint, ...)
     quant_methods: Set[str] = field(default_factory=set)  # classes of the layers' quantization methods
     lora_layers: Set[str] = field(default_factory=set)  # classes of the LoRA layers vLLM's manager installed
@@ -73,6 +73,9 @@ def speed_paths(model: torch.nn.Module) -> Set[str]:
 
     if any(rotary_table(m) is not None and rotary_table(m).kernel is not None for m in modules):
         paths.add("rotary_table")  # cos/sin and the kernel's table computed once, at the profiling run
+    lean = getattr(model, "_lean_body", None)
+    if lean is not None and lean.state == "on":  # the lean body gave HF's body output exactly at the profiling run
+        paths.add("body_forward")
     return paths
 
 

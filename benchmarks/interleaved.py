@@ -228,7 +228,8 @@ class Comparison:
         self.args = args
         self.t0 = t0  # the invocation's start: --budget-s counts the checkpoint build too
         self.children: Dict[str, Child] = {}
-        self.results_path = args.out / f"interleaved-{args.model_name}-{args.device}.json"
+        suffix = "-control" if args.control else ""  # A/A controls never mix with comparisons
+        self.results_path = args.out / f"interleaved-{args.model_name}-{args.device}{suffix}.json"
         self.invocation: Dict[str, Any] = {
             "id": uuid.uuid4().hex[:8],
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -265,7 +266,8 @@ class Comparison:
     def spawn(self, impl: str) -> None:
         """The child process: it imports vLLM at once, and builds its engine when :meth:`start` says so."""
         a = self.args
-        argv = ["--impl", impl, "--checkpoint", str(a.checkpoint), "--vocab-size", str(a.vocab_size),
+        # --control: the backend's slot runs native vLLM too (an A/A control of the method and the host)
+        argv = ["--impl", "vllm" if a.control else impl, "--checkpoint", str(a.checkpoint), "--vocab-size", str(a.vocab_size),
                 "--device", a.device, "--dtype", a.dtype, "--max-model-len", str(a.max_model_len),
                 "--max-num-seqs", str(a.max_num_seqs), "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
         if a.enforce_eager:
@@ -292,10 +294,10 @@ class Comparison:
         ready = child.request({"cmd": "start"}, timeout=max(30.0, min(self.args.start_timeout, self.left())))
         ready["child_start_s"] = time.monotonic() - started
         ready["import_s"] = imported["import_s"]
-        expected = "TransformersForCausalLM" if impl == "transformers" else None
+        expected = "TransformersForCausalLM" if impl == "transformers" and not self.args.control else None
         if expected and ready["model_class"] != expected:
             raise ChildError(f"the backend engine built {ready['model_class']}, expected {expected}")
-        if impl == "vllm" and ready["model_class"] == "TransformersForCausalLM":
+        if (impl == "vllm" or self.args.control) and ready["model_class"] == "TransformersForCausalLM":
             raise ChildError("the native engine built the Transformers backend (no native class for this model?)")
         self.invocation["engines"][impl] = ready
         self.log(f"{LABEL[impl]} engine ready: LLM() {ready['start_s']:.1f} s, {ready['model_class']}, weights "
@@ -499,6 +501,9 @@ def report(inv: Dict[str, Any], target: float) -> str:
              ""]
     if inv.get("note"):
         lines += [f"Note: {inv['note']}", ""]
+    if (inv.get("options") or {}).get("control"):
+        lines += ["A/A control (--control): the 'backend' slot ran native vLLM too; its ratios are what two identical "
+                  "engines differ by here.", ""]
     engines = inv["engines"]
     if engines:
         lines += ["| engine | LLM() start s (CPU s) | weights GiB | loaded GiB | KV blocks | CUDA graphs |",
@@ -638,6 +643,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--metric", choices=["wall", "cpu"], default=None, help="what a round's ratio compares: wall "
                    "time (default on cuda) or the engine process's CPU time (default on cpu: the CPU engine computes "
                    "synchronously, and CPU time leaves out the time other tenants of a shared host held the cores)")
+    p.add_argument("--control", action="store_true", help="A/A control: the backend's slot runs native vLLM too, "
+                   "so the ratios show what two identical engines differ by on this host (results in "
+                   "interleaved-MODEL-DEVICE-control.json)")
     p.add_argument("--first", choices=IMPLS, default="vllm", help="which engine starts first")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.42, help="each engine's share")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the longest workload, rounded up")

@@ -88,6 +88,22 @@ def test_smoke_run_end_to_end(checkpoints, tmp_path):
     assert "Collection before each round (untimed; --gc frozen)" in proc.stdout
 
 
+def test_interleaved_control_runs_native_in_both_slots(tmp_path, checkpoints):
+    """--control (an A/A run): both children build native vLLM's class; results go to their own file."""
+    path = checkpoints("qwen2")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "interleaved.py"), "--device", "cpu", "--smoke", "--checkpoint",
+           str(path), "--model", "tiny-qwen2", "--workloads", "small", "--control", "--out", str(tmp_path), "--quiet",
+           "--budget-s", "120"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "interleaved-tiny-qwen2-cpu.json").exists()
+    (inv,) = json.loads((tmp_path / "interleaved-tiny-qwen2-cpu-control.json").read_text())["invocations"]
+    assert {e["model_class"] for e in inv["engines"].values()} == {"Qwen2ForCausalLM"}
+    assert inv["options"]["control"] and len(inv["workloads"]["small"]["rounds"]) >= 4
+    assert "A/A control" in proc.stdout
+
+
 def test_step_timer_cuda_path_with_stand_in_events(checkpoints, monkeypatch):
     """The CUDA branch of the step timer (device events around forward/logits/sample, the explicit wait before
     sampling, host = wall - wait), wired on a CPU engine with stand-in events: it must run the first time on

@@ -8,11 +8,14 @@ import pytest
 
 from tests.helpers import PROMPTS, Engine, hf_greedy, interface_supported, require_architecture, vllm_greedy
 from vllm_transformers_backend.body_forward import BODY_ENV
+from vllm_transformers_backend.layers import ScaledVocabParallelEmbedding
 from vllm_transformers_backend.live import backend_model, get_hf_model
 
 #: Bodies whose layers all run vLLM's way and whose forward is norm(layers(embed(ids))).
 LEAN = {"llama", "qwen2", "mistral"}
-#: Bodies the first forward's comparison refuses: Gemma scales its embeddings by sqrt(hidden_size).
+#: Bodies the first forward's comparison refuses where the body's forward scales the embeddings by
+#: sqrt(hidden_size): Gemma before transformers 5. From 5.0 the scale lives in GemmaTextScaledWordEmbedding
+#: (kept by ScaledVocabParallelEmbedding), the body is plain and its lean forward is exact: then it is LEAN.
 CHECK_REFUSES = {"gemma": "does more than norm(layers(embed(ids)))"}
 #: Bodies whose layers keep some HF code (so the pass does not take them at build).
 NOT_TAKEN = {"gemma2": "residual pass", "granite": "residual pass", "qwen3": "attention_forward pass",
@@ -47,7 +50,8 @@ def test_engine_runs_the_lean_body_where_it_gives_hf_output(arch, checkpoints, m
         assert vllm_greedy(llm, PROMPTS, 10) == expected
         report = _report(llm)
         lean = model._lean_body
-        if arch in LEAN:
+        scale_in_embedding = isinstance(model.model.embed_tokens, ScaledVocabParallelEmbedding)
+        if arch in LEAN or (arch in CHECK_REFUSES and scale_in_embedding):
             assert lean is not None and lean.state == "on", (arch, lean and lean.problem)
             assert len(calls) == 1, f"{arch}: HF's body forward ran {len(calls)} times (only the first forward)"
             assert report.replaced == 1 and not report.kept, report.line()
@@ -85,3 +89,31 @@ def test_without_a_rotary_table_the_body_stays_hf(checkpoints, monkeypatch):
     with Engine(path, "transformers") as llm:
         assert backend_model(llm)._lean_body is None and "rotary_table" in _report(llm).line()
         assert vllm_greedy(llm, PROMPTS, 8) == expected
+
+
+def test_a_body_doing_more_is_caught_by_the_first_forward(checkpoints, monkeypatch):
+    """A body forward that does more than norm(layers(embed(ids))) (here an affine step after the final norm, as
+    a remote-code body might add) keeps running on every transformers version: the first forward's exact
+    comparison refuses the lean body, and the engine gives the modified model's tokens."""
+    import transformers
+
+    monkeypatch.delenv(BODY_ENV, raising=False)
+    original = transformers.LlamaModel.forward
+
+    def more(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if isinstance(out, tuple):  # the backend asks for tuples
+            return (out[0] * 1.5 + 0.25,) + tuple(out[1:])
+        out.last_hidden_state = out.last_hidden_state * 1.5 + 0.25
+        return out
+
+    monkeypatch.setattr(transformers.LlamaModel, "forward", more)
+    path = checkpoints("llama")
+    expected = hf_greedy(path, PROMPTS, 8)
+    with Engine(path, "transformers", max_num_seqs=3) as llm:
+        calls = _count_body_forwards(llm, monkeypatch)
+        assert vllm_greedy(llm, PROMPTS, 8) == expected
+        lean = backend_model(llm)._lean_body
+        assert lean is not None and lean.state == "off", lean and lean.state
+        assert CHECK_REFUSES["gemma"] in lean.problem and CHECK_REFUSES["gemma"] in _report(llm).line()
+        assert len(calls) > 1  # HF's (modified) body kept running

@@ -183,7 +183,10 @@ def per_expert_tensors(tensors: Dict[str, torch.Tensor], names=("gate_proj", "up
 #: The first transformers release that has the architecture at all.
 INTRODUCED_IN = {"gemma3": "4.50.0", "qwen3": "4.51.0", "qwen3_moe": "4.51.0"}
 #: INTERFACE_SINCE (imported above): the first release whose implementation of a model type sends attention
-#: through ALL_ATTENTION_FUNCTIONS; before it the backend must refuse the model with a clear error.
+#: through ALL_ATTENTION_FUNCTIONS; before it the backend builds the type's SDPA classes with their SDPA call
+#: routed (legacy_attention.py), except for the types in NOT_ROUTABLE, which must be refused with a clear error.
+#: (model type, first release where routing works): a release before it has no SDPA class to route for the type.
+NOT_ROUTABLE: Dict[str, str] = {}
 
 
 def transformers_version():
@@ -203,8 +206,22 @@ def require_architecture(name: str) -> None:
         pytest.skip(f"transformers {transformers_version()} has no {name} (added in {since})")
 
 
-def interface_supported(name: str) -> bool:
+def routed_attention(name: str) -> bool:
+    """Whether the installed transformers predates the attention interface for the architecture, so that the
+    backend runs its routed SDPA classes (legacy_attention.py: TP=1 only)."""
     from packaging.version import Version
+
+    since = INTERFACE_SINCE.get(name)
+    return bool(since) and transformers_version() < Version(since)
+
+
+def interface_supported(name: str) -> bool:
+    """Whether the backend runs the architecture on the installed transformers: its attention goes through the
+    interface, or the release predates that and the type's SDPA classes are routed (legacy_attention.py)."""
+    from packaging.version import Version
+
+    since = NOT_ROUTABLE.get(name)
+    return not since or transformers_version() >= Version(since)
 
     since = INTERFACE_SINCE.get(name)
     return not since or transformers_version() >= Version(since)

@@ -34,8 +34,8 @@ from vllm.attention import Attention, AttentionMetadata
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.sequence import IntermediateTensors
 
-from . import (body_forward, compat, devices, fusion, hf_model as hf, kernels, lora, moe, pipeline, quantization,
-               sliding_window)
+from . import (body_forward, compat, devices, fusion, hf_model as hf, kernels, legacy_attention, lora, moe, pipeline,
+               quantization, sliding_window)
 from ._logging import get_logger, preview
 from .attention import AttentionContext, EncoderOnlyAttention, attention_context, register_attention_function
 from .body_forward import LeanBody
@@ -108,7 +108,6 @@ class Base(nn.Module):
         self._pp_missing_prefixes: List[str] = []
         self._dispatch_verified = False
 
-        hf.check_interface_version(self.config)
         hf_model = hf.build(self.config, self.hf_auto_class, dtype=self.dtype,
                             trust_remote_code=self.bundle.trust_remote_code)
         self.hf_model_class = type(hf_model)
@@ -117,6 +116,9 @@ class Base(nn.Module):
         # read off the HF model as built (transformers 5 walks its sub-models for checkpoint transforms)
         self._checkpoint_mapper = self.checkpoint_mapper(hf_model, self._checkpoint_prefix, self.model)
         hf.check_attention_backend_support(hf_model)
+        refused = legacy_attention.tensor_parallel_refusal(hf_model, self.tp_size)
+        if refused:
+            raise BackendError(refused)
         if lora_config is not None:
             problem = lora.check_supported(lora_config, self._checkpoint_prefix, self.hf_model_class.__name__)
             if problem:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NoReturn, Optional, Set, Tuple
 
+from . import compat, legacy_attention
 from . import hf_model as hf
 
 OK, INFO, WARN, ERROR = "ok", "info", "warn", "error"
@@ -94,7 +95,6 @@ def _check(report: Report, path: Path, tp: int, pp: int, trust_remote_code: bool
         report.add("model", ERROR, f"{path} is not a folder; MODEL must be a local checkpoint folder "
                                    "(config.json and weights)")
         raise _Abort
-    from . import compat
 
     try:
         compat.check_transformers()
@@ -209,7 +209,6 @@ def _build(report: Report, config: Any, auto_class: str, trust_remote_code: bool
 
     register_attention_function()
     try:
-        hf.check_interface_version(config)
         return _build_on_meta(config, auto_class, trust_remote_code, hf.ATTN_IMPLEMENTATION), None, auto_class
     except hf.NoAutoClassError as exc:
         if auto_class != "AutoModel":
@@ -313,15 +312,18 @@ def _check_attention(report: Report, hf_model: Any, body: Any, text_config: Any,
         return
     num_layers = getattr(text_config, "num_hidden_layers", None) or len(modules)
     expected = set(range(num_layers))
-    flag_text = "not declared" if flag is None else str(flag)
+    how = "_supports_attention_backend " + ("not declared" if flag is None else str(flag))
+    if any(legacy_attention.is_routed(module) for _, module in modules):
+        how = (f"transformers {compat.transformers_version()} predates the interface for this model: its SDPA "
+               "classes' scaled_dot_product_attention call is routed to it")
     if called is None:
-        report.add("attention interface", WARN, f"_supports_attention_backend {flag_text}; dispatch not verified "
-                   "on meta (the backend checks it on its first forward)", rows)
+        report.add("attention interface", WARN, f"{how}; dispatch not verified on meta (the backend checks it on "
+                   "its first forward)", rows)
     elif called != expected:
         report.add("attention interface", ERROR, hf.undispatched_layers(sorted(expected - called)), rows)
     else:
         report.add("attention interface", OK, f"all {len(expected)} layers call the 'vllm' attention function "
-                   f"(_supports_attention_backend {flag_text})", rows)
+                   f"({how})", rows)
 
 
 def _check_sliding_windows(report: Report, text_config: Any) -> None:
@@ -447,6 +449,10 @@ def _check_tensor_parallel(report: Report, body: Any, plan: Dict[str, str], text
     if tp == 1:
         report.add("tensor parallel", OK, f"TP=1: nothing sharded; tp_plan covers {covered}/{total} linears "
                    "for TP>1" if plan else "TP=1: nothing sharded (no tp_plan: TP>1 would be refused)")
+        return
+    refused = legacy_attention.tensor_parallel_refusal(body, tp)
+    if refused:
+        report.add("tensor parallel", ERROR, refused)
         return
     try:
         if lookup:  # the styles of modules the backend keeps whole, as it checks them

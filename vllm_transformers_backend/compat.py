@@ -29,7 +29,7 @@ class UnsupportedVersionError(RuntimeError):
 
 #: Model types whose HF attention goes through ALL_ATTENTION_FUNCTIONS only from a given release (found by
 #: reading each release's modeling file); older releases build name-keyed attention classes. The backend
-#: refuses them before building there; the tests take their expectations from this table too.
+#: builds them there with their SDPA classes, the SDPA call routed (legacy_attention.py).
 INTERFACE_SINCE: Dict[str, str] = {
     "gpt_neox": "4.49.0",
     "opt": "4.52.0",

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from . import compat
+from . import compat, legacy_attention
 from ._logging import preview
 from .attention import ATTN_IMPLEMENTATION
 
@@ -25,8 +25,10 @@ class BackendError(ValueError):
 class AttentionInterfaceError(BackendError):
     """The model's attention does not go through transformers' attention interface."""
 
-    def __init__(self, config: Any, detail: object) -> None:
+    def __init__(self, config: Any, detail: object, name_keyed: bool = False) -> None:
         self.detail = str(detail)
+        #: the modeling code picks attention classes from a dict keyed by implementation name
+        self.name_keyed = name_keyed
         arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
         super().__init__(
             f"{arch} does not support the Transformers attention interface in transformers "
@@ -64,14 +66,6 @@ def parameters_on_meta() -> Iterator[None]:
 # --- building -------------------------------------------------------------------------------------
 
 
-def check_interface_version(config: Any) -> None:
-    """Refuses, before building, a model type whose attention goes through the interface only from a later
-    transformers release (older releases still build it, with attention that never reaches the interface)."""
-    since = compat.INTERFACE_SINCE.get(getattr(config, "model_type", ""))
-    if since and compat.transformers_version() < compat.Version(since):
-        raise AttentionInterfaceError(config, "its attention modules predate the interface")
-
-
 def _configs_to_try(config: Any) -> Iterator[Any]:
     """The config as vLLM loaded it, then, for the configs vLLM 0.6.2 loads with classes of its own (Granite,
     ...) that transformers' auto classes do not know, transformers' own class for the same model_type."""
@@ -88,19 +82,31 @@ def build(config: Any, auto_class: str, *, dtype: Any, trust_remote_code: bool,
     on the ambient device) and ``attn_implementation``, in ``dtype``. ``config`` is set up for it in place
     (attention implementation, dtype).
 
+    A model whose installed transformers code picks attention classes by name (the release predates the
+    interface for its type, or the name lookup fails) is built with its SDPA classes, their SDPA call routed
+    to the ``"vllm"`` function (:mod:`.legacy_attention`).
+
     Raises :class:`AttentionInterfaceError` when the model cannot take the implementation and
     :class:`NoAutoClassError` when transformers has no such class for the config."""
     import transformers
 
     auto = getattr(transformers, auto_class)
     text_config = compat.get_text_config(config)
+    wants_vllm = attn_implementation == ATTN_IMPLEMENTATION
     for candidate in _configs_to_try(config):
         candidate_text = compat.get_text_config(candidate)  # the text model's attention only (not a vision tower's)
-        candidate_text._attn_implementation = attn_implementation
         for cfg in {id(candidate): candidate, id(candidate_text): candidate_text}.values():
             compat.set_config_dtype(cfg, dtype)
         try:
-            return _from_config(auto, candidate, dtype, trust_remote_code, attn_implementation)
+            if wants_vllm and legacy_attention.predates_interface(candidate_text):
+                return _from_config_routed(auto, candidate, candidate_text, dtype, trust_remote_code)
+            candidate_text._attn_implementation = attn_implementation
+            try:
+                return _from_config(auto, candidate, dtype, trust_remote_code, attn_implementation)
+            except AttentionInterfaceError as exc:
+                if not (wants_vllm and exc.name_keyed):
+                    raise
+            return _from_config_routed(auto, candidate, candidate_text, dtype, trust_remote_code)
         except ValueError as exc:
             if not _unrecognized(exc):
                 raise
@@ -108,6 +114,17 @@ def build(config: Any, auto_class: str, *, dtype: Any, trust_remote_code: bool,
         f"transformers has no {auto_class} class for model_type {getattr(text_config, 'model_type', '?')!r}. If "
         "this is an encoder or embedding model, run it with runner='pooling'; a custom model needs `auto_map` and "
         "trust_remote_code=True.")
+
+
+def _from_config_routed(auto: Any, config: Any, text_config: Any, dtype: Any, trust_remote_code: bool) -> nn.Module:
+    """A model built without the interface: its SDPA classes, routed (:mod:`.legacy_attention`)."""
+    implementation = legacy_attention.LEGACY_IMPLEMENTATION
+    text_config._attn_implementation = implementation
+    model = _from_config(auto, config, dtype, trust_remote_code, implementation)
+    if not legacy_attention.route(model):
+        raise AttentionInterfaceError(config, "its attention classes are picked by implementation name and none of "
+                                              "its modules calls scaled_dot_product_attention")
+    return model
 
 
 def _unrecognized(exc: Exception) -> bool:
@@ -123,7 +140,7 @@ def _from_config(auto: Any, config: Any, dtype: Any, trust_remote_code: bool, at
             # transformers < 4.49 models that pick attention classes from a dict keyed by name
             if exc.args == (attn_implementation,):
                 raise AttentionInterfaceError(config, "its attention classes are looked up by implementation "
-                                                      "name") from exc
+                                                      "name", name_keyed=True) from exc
             raise
         except ValueError as exc:
             message = str(exc)
@@ -134,8 +151,9 @@ def _from_config(auto: Any, config: Any, dtype: Any, trust_remote_code: bool, at
 
 def check_attention_backend_support(hf_model: nn.Module) -> None:
     """transformers >= 4.50 declares ``_supports_attention_backend``; False means the modeling code bypasses
-    the interface."""
-    if getattr(type(hf_model), "_supports_attention_backend", None) is False:
+    the interface (a model whose SDPA classes the backend routed says so too: the first forward checks those)."""
+    if getattr(type(hf_model), "_supports_attention_backend", None) is False and \
+            not any(legacy_attention.is_routed(module) for module in hf_model.modules()):
         raise AttentionInterfaceError(hf_model.config, "_supports_attention_backend is False")
 
 

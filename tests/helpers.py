@@ -186,7 +186,8 @@ INTRODUCED_IN = {"gemma3": "4.50.0", "qwen3": "4.51.0", "qwen3_moe": "4.51.0"}
 #: through ALL_ATTENTION_FUNCTIONS; before it the backend builds the type's SDPA classes with their SDPA call
 #: routed (legacy_attention.py), except for the types in NOT_ROUTABLE, which must be refused with a clear error.
 #: (model type, first release where routing works): a release before it has no SDPA class to route for the type.
-NOT_ROUTABLE: Dict[str, str] = {}
+#: (Found on the matrix's releases: GPT-NeoX 4.48 calls SDPA from a module-level function, ESM 4.48 has no SDPA class.)
+NOT_ROUTABLE: Dict[str, str] = {"gpt_neox": "4.49.0", "esm": "4.56.0"}
 
 
 def transformers_version():

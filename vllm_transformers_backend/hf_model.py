@@ -124,6 +124,7 @@ def _from_config_routed(auto: Any, config: Any, text_config: Any, dtype: Any, tr
     if not legacy_attention.route(model):
         raise AttentionInterfaceError(config, "its attention classes are picked by implementation name and none of "
                                               "its modules calls scaled_dot_product_attention")
+    legacy_attention.number_layers(model, getattr(text_config, "num_hidden_layers", None))
     return model
 
 

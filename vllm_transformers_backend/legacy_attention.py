@@ -172,6 +172,19 @@ def route(body: nn.Module) -> List[str]:
     return list(routed)
 
 
+def number_layers(model: nn.Module, num_layers: Optional[int]) -> None:
+    """Older attention classes (OPT and BERT before the interface) carry no ``layer_idx``, which the ``"vllm"``
+    function uses to find the layer's KV cache: where the model has one routed module per layer, they are
+    numbered in module order (the order of its layer list)."""
+    routed = [m for m in model.modules() if is_routed(m)]
+    if all(isinstance(getattr(m, "layer_idx", None), int) for m in routed):
+        return
+    if num_layers is not None and len(routed) != num_layers:
+        return  # no numbering to trust: the backend's checks name the problem
+    for index, module in enumerate(routed):
+        module.layer_idx = index
+
+
 def is_routed(module: nn.Module) -> bool:
     return bool(getattr(type(module), "_vtb_routed_sdpa", False))
 

@@ -209,7 +209,7 @@ def require_architecture(name: str) -> None:
 
 def routed_attention(name: str) -> bool:
     """Whether the installed transformers predates the attention interface for the architecture, so that the
-    backend runs its routed SDPA classes (legacy_attention.py: TP=1 only)."""
+    backend runs its routed SDPA classes (legacy_attention.py)."""
     from packaging.version import Version
 
     since = INTERFACE_SINCE.get(name)

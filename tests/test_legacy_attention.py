@@ -7,7 +7,9 @@ attention context its call reaches the layer's instance with the original (un-re
 sweep of head groupings, and the result equals the unrouted module; names of the modeling module are read
 live. Engine level, where the installed release predates the interface for a model type (Qwen2-MoE and OLMoE
 up to 4.57, GPT-NeoX before 4.49, OPT before 4.52): every layer's attention is routed and the engine gives HF
-``generate``'s tokens (float32, CPU), over a sweep of head groupings for the MoE models; a BERT whose SDPA
+``generate``'s tokens (float32, CPU), over a sweep of head groupings for the MoE models, at TP=1 and (Qwen2-MoE,
+which has a tp_plan on 4.x) TP=2; routed modules get a rank's head counts, and a plan gathering their heads is
+refused; a BERT whose SDPA
 class falls back to eager code (relative positions) is refused at the first forward with the layers named.
 (The BERT-family and ESM encoders on 4.x run through test_embedding.py and test_classify.py.)
 """
@@ -20,10 +22,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import (ARCHITECTURES, MOE_ARCHITECTURES, PROMPTS, Engine, build_checkpoint, build_moe_checkpoint,
-                           hf_greedy, interface_supported, require_architecture, transformers_version, vllm_greedy,
-                           vllm_model)
+from tests.helpers import (ARCHITECTURES, MOE_ARCHITECTURES, PROMPTS, Engine, build_moe_checkpoint,
+                           hf_greedy, interface_supported, moe_config, require_architecture, routed_attention,
+                           transformers_version, vllm_greedy, vllm_model)
 from vllm_transformers_backend import compat, legacy_attention
+from tests.test_tensor_parallel import spawned_workers  # noqa: F401  (a fixture, used by TP cases)
 from vllm_transformers_backend.attention import AttentionContext, attention_context
 
 
@@ -133,11 +136,6 @@ def test_only_classes_calling_sdpa_are_routed():
 # --- engine level -------------------------------------------------------------------------------------------
 
 
-def _predates(model_type: str) -> bool:  # (helpers.routed_attention, for any model type)
-    since = compat.INTERFACE_SINCE.get(model_type)
-    return bool(since) and transformers_version() < compat.Version(since)
-
-
 LEGACY_DECODERS = [a for a in ("gpt_neox", "opt") if a in ARCHITECTURES]
 #: MoE head groupings: (heads, kv heads, hidden size) with head size 64.
 MOE_HEADS = [(2, 1, 128), (4, 4, 256), (4, 2, 256)]
@@ -151,7 +149,7 @@ def _assert_routed(llm, layers: int) -> None:
 
 @pytest.mark.parametrize("arch", LEGACY_DECODERS)
 def test_legacy_decoder_generates_hf_tokens(arch, checkpoints):
-    if not _predates(arch):
+    if not routed_attention(arch):
         pytest.skip(f"transformers {transformers_version()} sends {arch}'s attention through the interface "
                     "(test_generation.py covers it there)")
     path = checkpoints(arch)
@@ -167,13 +165,18 @@ def test_legacy_decoder_generates_hf_tokens(arch, checkpoints):
         assert vllm_greedy(llm, PROMPTS, 10) == expected
 
 
-LEGACY_MOE = [(a, h) for a in ("qwen2_moe", "olmoe") if a in MOE_ARCHITECTURES for h in MOE_HEADS]
+LEGACY_MOE = [(a, h, 1) for a in ("qwen2_moe", "olmoe") if a in MOE_ARCHITECTURES for h in MOE_HEADS] + \
+             [("qwen2_moe", h, 2) for h in MOE_HEADS]  # (4.x OLMoE declares no tp_plan)
 
 
-@pytest.mark.parametrize("arch, heads", LEGACY_MOE, ids=[f"{a}-h{h}-kv{k}" for a, (h, k, _) in LEGACY_MOE])
-def test_legacy_moe_generates_hf_tokens(arch, heads, tmp_path):
+@pytest.mark.parametrize("arch, heads, tp", LEGACY_MOE,
+                         ids=[f"{a}-h{h}-kv{k}-tp{tp}" for a, (h, k, _), tp in LEGACY_MOE])
+def test_legacy_moe_generates_hf_tokens(arch, heads, tp, tmp_path, request):
+    """TP=2 over 2 heads / 1 KV head replicates the KV head on both ranks; 4/4 and 4/2 split them."""
+    from tests.test_tensor_parallel import _greedy
+
     require_architecture(arch)
-    if not _predates(arch):
+    if not routed_attention(arch):
         pytest.skip(f"transformers {transformers_version()} sends {arch}'s attention through the interface "
                     "(test_moe.py covers it there)")
     num_heads, kv_heads, hidden = heads
@@ -181,14 +184,17 @@ def test_legacy_moe_generates_hf_tokens(arch, heads, tmp_path):
                                 hidden_size=hidden)
     prompts = PROMPTS + [[7]]
     expected = hf_greedy(path, prompts, 10)
-    with Engine(path, "transformers", max_num_seqs=3) as llm:
-        _assert_routed(llm, 2)
-        assert vllm_greedy(llm, prompts, 10) == expected
+    if tp > 1:
+        if not moe_config(arch).base_model_tp_plan:
+            pytest.skip(f"transformers {transformers_version()} declares no tp_plan for {arch}")
+        request.getfixturevalue("spawned_workers")
+    assert _greedy(path, prompts=prompts, max_tokens=10, inspect=lambda llm: _assert_routed(llm, 2),
+                   tensor_parallel_size=tp, max_num_seqs=3) == expected
 
 
 def test_sdpa_class_falling_back_to_eager_is_refused_at_the_first_forward(tmp_path):
     """BERT's 4.x SDPA class runs its eager parent for relative position embeddings: no layer reaches vLLM."""
-    if not _predates("bert"):
+    if not routed_attention("bert"):
         pytest.skip(f"transformers {transformers_version()} sends BERT's attention through the interface")
     import transformers
 
@@ -208,7 +214,7 @@ def test_check_says_the_attention_is_routed(arch, tmp_path, capsys):
     from vllm_transformers_backend import check
 
     require_architecture(arch)
-    if not _predates(arch):
+    if not routed_attention(arch):
         pytest.skip(f"transformers {transformers_version()} sends {arch}'s attention through the interface")
     path = build_moe_checkpoint(arch, tmp_path / arch)
     code = check.main(str(path), as_json=True)
@@ -218,10 +224,10 @@ def test_check_says_the_attention_is_routed(arch, tmp_path, capsys):
     # HF's expert loop is data-dependent: no forward on meta, so the dispatch is left to the first forward
     assert attention["status"] == "warn" and "dispatch not verified on meta" in attention["detail"], attention
     assert "predates the interface" in attention["detail"] and "routed" in attention["detail"], attention
-    if arch == "qwen2_moe":  # it has a tp_plan on 4.x: TP=2 is refused as the load refuses it
-        assert check.main(str(path), tp=2, as_json=True) == 1
+    if arch == "qwen2_moe":  # it has a tp_plan on 4.x, which shards it as any model
+        assert check.main(str(path), tp=2, as_json=True) == 0
         tp = next(f for f in json.loads(capsys.readouterr().out)["findings"] if f["check"] == "tensor parallel")
-        assert tp["status"] == "error" and "needs the attention interface" in tp["detail"], tp
+        assert tp["status"] in ("ok", "warn") and "tp_plan covers" in tp["detail"], tp  # (4.57.6: experts replicated)
 
 
 def test_check_names_the_routing_for_an_encoder(tmp_path, capsys):
@@ -231,7 +237,7 @@ def test_check_names_the_routing_for_an_encoder(tmp_path, capsys):
 
     from vllm_transformers_backend import check
 
-    if not _predates("bert"):
+    if not routed_attention("bert"):
         pytest.skip(f"transformers {transformers_version()} sends BERT's attention through the interface")
     config = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
                                      intermediate_size=128, max_position_embeddings=64)
@@ -254,7 +260,7 @@ def test_routed_forward_drops_keywords_it_does_not_take():
         assert torch.equal(module(hidden, output_router_logits=False, scale=None), want)
 
 
-def test_key_heads_that_are_not_repeats_of_the_cached_ones_are_an_error_and_tp_is_refused():
+def test_key_heads_that_are_not_repeats_of_the_cached_ones_are_an_error():
     from vllm_transformers_backend.hf_model import BackendError
 
     module = ToySdpaAttention(4, 4, 16).eval()
@@ -264,7 +270,33 @@ def test_key_heads_that_are_not_repeats_of_the_cached_ones_are_an_error_and_tp_i
         with pytest.raises(BackendError, match="4 key heads, which are not repeats of the 3 KV heads"):
             module(torch.randn(1, 3, 32))
     assert not layer.seen  # nothing reached the cache writer
+
+
+#: (heads, KV heads, TP) -> a rank's (heads, KV heads, groups): KV heads replicated where fewer than ranks.
+TP_SHAPES = [((4, 2, 2), (2, 1, 2)), ((4, 4, 2), (2, 2, 1)), ((2, 1, 2), (1, 1, 1)), ((8, 2, 4), (2, 1, 2)),
+             ((4, 1, 4), (1, 1, 1))]
+
+
+@pytest.mark.parametrize("shape, local", TP_SHAPES, ids=[f"h{h}-kv{k}-tp{t}" for (h, k, t), _ in TP_SHAPES])
+def test_tensor_parallel_gives_routed_modules_the_ranks_head_counts(shape, local):
+    heads, kv_heads, tp = shape
+    module = ToySdpaAttention(heads, kv_heads, 16)
+    module.num_heads, module.num_key_value_heads, module.hidden_size = heads, kv_heads, heads * 16
+    model = nn.ModuleList([module, ToyEagerAttention(heads, kv_heads, 16)])
+    legacy_attention.route(model)
+    eager = model[1]
+    eager.num_heads = heads
+    assert legacy_attention.shard_for_tensor_parallel(model, 1, heads, kv_heads, 16, lambda m: False) is None
+    assert (module.num_heads, module.num_key_value_heads) == (heads, kv_heads)  # TP=1: untouched
+    assert legacy_attention.shard_for_tensor_parallel(model, tp, heads, kv_heads, 16, lambda m: False) is None
+    assert (module.num_heads, module.num_key_value_heads, module.num_key_value_groups) == local
+    assert module.hidden_size == local[0] * 16 and eager.num_heads == heads  # only routed modules change
+
+
+def test_tensor_parallel_is_refused_where_the_plan_gathers_a_routed_modules_heads():
+    module = ToySdpaAttention(4, 2, 16)
     model = nn.ModuleList([module])
-    assert legacy_attention.tensor_parallel_refusal(model, 1) is None
-    assert legacy_attention.tensor_parallel_refusal(nn.ModuleList([ToyEagerAttention(4, 4, 16)]), 2) is None
-    assert "tensor parallel (TP=2) needs the attention interface" in legacy_attention.tensor_parallel_refusal(model, 2)
+    legacy_attention.route(model)
+    refused = legacy_attention.shard_for_tensor_parallel(model, 2, 4, 2, 16, lambda m: m is module)
+    assert "tensor parallel (TP=2)" in refused and "tensor_parallel_size=1" in refused
+    assert module.num_key_value_groups == 2  # nothing changed

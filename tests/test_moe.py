@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from tests.helpers import (MOE_ARCHITECTURES, PROMPTS, Engine, build_moe_checkpoint, hf_greedy, interface_supported,
-                           moe_config, packed_experts, per_expert_tensors, require_architecture, routed_attention,
-                           transformers_version, vllm_model)
+                           moe_config, packed_experts, per_expert_tensors, require_architecture, transformers_version,
+                           vllm_model)
 from tests.test_tensor_parallel import _greedy, spawned_workers  # noqa: F401  (a fixture, used by TP cases)
 from vllm_transformers_backend import moe, moe_layers
 from vllm_transformers_backend.moe_weights import ExpertSlots, ExpertsShape, ExpertTensors
@@ -388,11 +388,6 @@ def test_engine_matches_hf_generate(arch, mode, layout, tp, moe_checkpoints, hf_
         if not moe_config(arch).base_model_tp_plan:
             pytest.skip(f"transformers {transformers_version()} declares no tp_plan for {arch}")
         request.getfixturevalue("spawned_workers")
-        if routed_attention(arch):  # its SDPA classes size views for all heads: refused, with the fix
-            with pytest.raises(Exception, match=r"tensor parallel \(TP=2\) needs the attention interface.*"
-                                                r"tensor_parallel_size=1, or install transformers>=5"):
-                _engine_tokens(path, mode, monkeypatch, tp)
-            return
     assert _engine_tokens(path, mode, monkeypatch, tp) == hf_tokens(reference)
 
 

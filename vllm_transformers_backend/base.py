@@ -116,9 +116,6 @@ class Base(nn.Module):
         # read off the HF model as built (transformers 5 walks its sub-models for checkpoint transforms)
         self._checkpoint_mapper = self.checkpoint_mapper(hf_model, self._checkpoint_prefix, self.model)
         hf.check_attention_backend_support(hf_model)
-        refused = legacy_attention.tensor_parallel_refusal(hf_model, self.tp_size)
-        if refused:
-            raise BackendError(refused)
         if lora_config is not None:
             problem = lora.check_supported(lora_config, self._checkpoint_prefix, self.hf_model_class.__name__)
             if problem:
@@ -140,6 +137,11 @@ class Base(nn.Module):
                       max_positions=self.bundle.model_config.max_model_len)
         self.moe, moe_report = self._prepare_moe(build)
         self._replace_modules()
+        refused = legacy_attention.shard_for_tensor_parallel(
+            self.model, self.tp_size, self.text_config.num_attention_heads,
+            self.bundle.model_config.get_total_num_kv_heads(), head_size, _gathers_heads)
+        if refused:
+            raise BackendError(refused)
         self.speed_passes: List[PassReport] = [moe_report] + run_speed_passes(build)
         rotary = next((r for r in self.speed_passes if r.name == "rotary"), None)
         #: The modeling modules whose rotation runs through vLLM's kernel in this model's forward, and whether

@@ -450,10 +450,6 @@ def _check_tensor_parallel(report: Report, body: Any, plan: Dict[str, str], text
         report.add("tensor parallel", OK, f"TP=1: nothing sharded; tp_plan covers {covered}/{total} linears "
                    "for TP>1" if plan else "TP=1: nothing sharded (no tp_plan: TP>1 would be refused)")
         return
-    refused = legacy_attention.tensor_parallel_refusal(body, tp)
-    if refused:
-        report.add("tensor parallel", ERROR, refused)
-        return
     try:
         if lookup:  # the styles of modules the backend keeps whole, as it checks them
             lookup.check_unreplaced(body, hf.is_linear, body.get_input_embeddings())

@@ -20,13 +20,16 @@ repeated to the query's head count (``repeat_kv``, for grouped-query attention) 
 first forward's dispatch record (a class whose SDPA path falls back to eager code for some setting, BERT's
 relative positions for one, fails there with the reason).
 
+Tensor parallel: the same SDPA code sizes its views by the module's head counts and width, which
+:func:`shard_for_tensor_parallel` sets to the rank's.
+
 Outside the engine (no attention context) the call is torch's own, with the arguments HF gave.
 """
 from __future__ import annotations
 
 import inspect
 import types
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -189,20 +192,40 @@ def is_routed(module: nn.Module) -> bool:
     return bool(getattr(type(module), "_vtb_routed_sdpa", False))
 
 
-def tensor_parallel_refusal(model: nn.Module, tp_size: int) -> Optional[str]:
-    """Why a model with routed attention cannot be sharded (None: it can, or nothing is routed). Its SDPA code
-    sizes views by the model's head counts and width (``view(bsz, q_len, self.hidden_size)``), not by what a
-    rank holds."""
+#: Attributes 4.x attention classes size their views by: (name, what it holds: heads, KV heads or their width).
+_HEAD_ATTRIBUTES = (("num_heads", "heads"), ("num_attention_heads", "heads"), ("num_key_value_heads", "kv_heads"),
+                    ("hidden_size", "width"), ("all_head_size", "width"), ("embed_dim", "width"))
+
+
+def shard_for_tensor_parallel(model: nn.Module, tp_size: int, total_heads: int, total_kv_heads: int, head_size: int,
+                              gathers_heads: Callable[[nn.Module], bool]) -> Optional[str]:
+    """Tensor parallel for routed modules: their SDPA code sizes views by the module's head counts and width
+    (``view(bsz, q_len, self.hidden_size)``) and repeats keys by ``num_key_value_groups``, all for the whole
+    model; each routed module gets this rank's values (its heads, vLLM's KV heads for the rank, their width, the
+    rank's grouping), which is what its column-parallel projections give it. Returns why the model cannot be
+    sharded instead (None: it can, or nothing is routed): a module whose projections gather every head on every
+    rank would need the model's values and its keys un-repeated to all KV heads, which is not done."""
     if tp_size == 1:
         return None
-    routed = next((m for m in model.modules() if is_routed(m)), None)
-    if routed is None:
+    routed = [m for m in model.modules() if is_routed(m)]
+    if not routed:
         return None
-    model_type = getattr(getattr(routed, "config", None), "model_type", None) or "this model"
-    since = compat.INTERFACE_SINCE.get(model_type)
-    upgrade = f"install transformers>={since} (its attention goes through the interface there)" if since else \
-        "use a transformers release whose code sends its attention through the interface"
-    return (f"tensor parallel (TP={tp_size}) needs the attention interface, and transformers "
-            f"{compat.transformers_version()} builds {model_type}'s attention without it (the backend runs its SDPA "
-            f"classes, which size their views for all heads). Fix: tensor_parallel_size=1, or {upgrade}.")
-
+    if any(gathers_heads(m) for m in routed):
+        model_type = getattr(getattr(routed[0], "config", None), "model_type", None) or "this model"
+        since = compat.INTERFACE_SINCE.get(model_type)
+        upgrade = f"install transformers>={since} (its attention goes through the interface there)" if since else \
+            "use a transformers release whose code sends its attention through the interface"
+        return (f"tensor parallel (TP={tp_size}) with {model_type}'s attention replicated on every rank (its tp_plan "
+                f"gathers the heads) needs the attention interface, which transformers "
+                f"{compat.transformers_version()} does not give it. Fix: tensor_parallel_size=1, or {upgrade}.")
+    heads, kv_heads = total_heads // tp_size, max(1, total_kv_heads // tp_size)
+    values = {"heads": (total_heads, heads), "kv_heads": (total_kv_heads, kv_heads),
+              "width": (total_heads * head_size, heads * head_size)}
+    for module in routed:
+        for name, kind in _HEAD_ATTRIBUTES:
+            total, local = values[kind]
+            if getattr(module, name, None) == total:
+                setattr(module, name, local)
+        if getattr(module, "num_key_value_groups", None) == total_heads // total_kv_heads:
+            module.num_key_value_groups = heads // kv_heads
+    return None

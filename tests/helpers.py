@@ -210,10 +210,9 @@ def require_architecture(name: str) -> None:
 def routed_attention(name: str) -> bool:
     """Whether the installed transformers predates the attention interface for the architecture, so that the
     backend runs its routed SDPA classes (legacy_attention.py)."""
-    from packaging.version import Version
+    from vllm_transformers_backend.compat import predates_interface
 
-    since = INTERFACE_SINCE.get(name)
-    return bool(since) and transformers_version() < Version(since)
+    return predates_interface(name)
 
 
 def interface_supported(name: str) -> bool:

@@ -85,8 +85,6 @@ def _assert_token_types_matter(path, want_raw):
 def test_real_minilm_cross_encoder_matches_sentence_transformers(tmp_path):
     """The real all-MiniLM-L6-v2 body with a seeded one-label head (no cross-encoder ships on PyPI): LLM.score
     equals sentence-transformers' CrossEncoder.predict (its tokenizer, padding, sigmoid) on real text."""
-    if not helpers.interface_supported("bert"):
-        pytest.skip(f"transformers {helpers.transformers_version()} runs no BERT (test_heads_equal_hf checks the error)")
     from sentence_transformers import CrossEncoder
 
     source = models._bundled("all-MiniLM-L6-v2")

@@ -89,10 +89,8 @@ def test_encoder_embeddings_equal_hf(tmp_path, name):
 
 def test_mean_pooling_override_and_task_embed(tmp_path):
     """``task="embed"`` means runner="pooling"; ``override_pooler_config`` replaces the default pooling."""
-    name = "esm" if helpers.interface_supported("esm") else None
-    if name is None:
-        pytest.skip(f"transformers {helpers.transformers_version()}: no encoder goes through the attention "
-                    "interface (ESM from 4.56); the decoder test below covers pooling on this version")
+    # ESM before 4.56 has no SDPA class to route (test_encoder_embeddings_equal_hf checks its error): BERT there
+    name = "esm" if helpers.interface_supported("esm") else "bert"
     path = _encoder_checkpoint(name, tmp_path / name)
     prompts = _prompts_for(name)
     with helpers.Engine(path, task="embed", max_model_len=128,
@@ -117,9 +115,6 @@ def test_decoder_embeddings_equal_hf(tmp_path):
 
 def test_encoder_refused_for_generation(tmp_path):
     """A BERT masked-LM checkpoint (runner auto: generate) gets an error naming runner='pooling'."""
-    if not helpers.interface_supported("bert"):
-        pytest.skip(f"transformers {helpers.transformers_version()} refuses BERT earlier (no attention interface; "
-                    "test_encoder_embeddings_equal_hf checks that error)")
     path = _encoder_checkpoint("bert", tmp_path / "bert")
     with pytest.raises(ValueError, match="encoder-only model.*runner='pooling'"):
         with helpers.Engine(path, max_model_len=128):
@@ -132,11 +127,6 @@ def test_minilm_matches_sentence_transformers():
     path = helpers.bundled_model("all-MiniLM-L6-v2")
     if path is None:
         pytest.fail("the bundled all-MiniLM-L6-v2 is missing: run scripts/setup_cpu_env.sh")
-    if not helpers.interface_supported("bert"):
-        with pytest.raises(ValueError, match=r"transformers>=5\.0\.0"):
-            with helpers.Engine(path, runner="pooling", skip_tokenizer_init=False):
-                pass
-        return
     from sentence_transformers import SentenceTransformer
 
     sentences = [

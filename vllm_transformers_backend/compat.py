@@ -42,6 +42,12 @@ INTERFACE_SINCE: Dict[str, str] = {
 }
 
 
+def predates_interface(model_type: Optional[str]) -> bool:
+    """Whether the installed transformers builds this model type's attention without the interface."""
+    since = INTERFACE_SINCE.get(model_type or "")
+    return bool(since) and transformers_version() < Version(since)
+
+
 def attention_interface_hint(model_type: Optional[str]) -> str:
     """Which transformers release to install for a model type whose attention bypasses the interface."""
     since = INTERFACE_SINCE.get(model_type or "")

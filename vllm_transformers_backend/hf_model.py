@@ -98,7 +98,7 @@ def build(config: Any, auto_class: str, *, dtype: Any, trust_remote_code: bool,
         for cfg in {id(candidate): candidate, id(candidate_text): candidate_text}.values():
             compat.set_config_dtype(cfg, dtype)
         try:
-            if wants_vllm and legacy_attention.predates_interface(candidate_text):
+            if wants_vllm and compat.predates_interface(getattr(candidate_text, "model_type", None)):
                 return _from_config_routed(auto, candidate, candidate_text, dtype, trust_remote_code)
             candidate_text._attn_implementation = attn_implementation
             try:

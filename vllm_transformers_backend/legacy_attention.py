@@ -50,13 +50,6 @@ _torch_sdpa = torch.nn.functional.scaled_dot_product_attention
 _current: Optional[nn.Module] = None
 
 
-def predates_interface(config: Any) -> bool:
-    """Whether the installed transformers builds this model type's attention without the interface (the
-    release table :data:`.compat.INTERFACE_SINCE`)."""
-    since = compat.INTERFACE_SINCE.get(getattr(config, "model_type", "") or "")
-    return bool(since) and compat.transformers_version() < compat.Version(since)
-
-
 def _routed_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                  **kwargs: Any) -> torch.Tensor:
@@ -71,8 +64,11 @@ def _routed_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
         if ctx.called is not None:
             ctx.called.add(module.layer_idx)
         return _torch_sdpa(query, key, value, scale=scale)
-    kv_heads = getattr(getattr(vllm_attention_of(instance), "impl", None), "num_kv_heads", None) or key.shape[1]
-    if key.shape[1] != kv_heads:
+    kv_heads = module.__dict__.get("_vtb_kv_heads")
+    if kv_heads is None:  # the layer's first call: what its vLLM attention caches (None: it takes what it gets)
+        kv_heads = getattr(getattr(vllm_attention_of(instance), "impl", None), "num_kv_heads", None) or 0
+        module._vtb_kv_heads = kv_heads
+    if kv_heads and key.shape[1] != kv_heads:
         # repeat_kv laid each key/value head out `repeat` times in a row: every repeat-th one is the original
         repeat = key.shape[1] // kv_heads
         if repeat * kv_heads != key.shape[1]:
@@ -160,10 +156,13 @@ def routed_class(cls: type) -> type:
 
 def route(body: nn.Module) -> List[str]:
     """Gives every module of ``body`` whose class's forward calls SDPA the routed subclass; the classes routed."""
+    verdicts: Dict[type, bool] = {}
     routed: Dict[str, int] = {}
     for module in body.modules():
         cls = type(module)
-        if getattr(cls, "_vtb_routed_sdpa", False) or not calls_sdpa(cls):
+        if cls not in verdicts:
+            verdicts[cls] = not getattr(cls, "_vtb_routed_sdpa", False) and calls_sdpa(cls)
+        if not verdicts[cls]:
             continue
         module.__class__ = routed_class(cls)
         routed[cls.__name__] = routed.get(cls.__name__, 0) + 1
@@ -211,13 +210,11 @@ def shard_for_tensor_parallel(model: nn.Module, tp_size: int, total_heads: int, 
     if not routed:
         return None
     if any(gathers_heads(m) for m in routed):
-        model_type = getattr(getattr(routed[0], "config", None), "model_type", None) or "this model"
-        since = compat.INTERFACE_SINCE.get(model_type)
-        upgrade = f"install transformers>={since} (its attention goes through the interface there)" if since else \
-            "use a transformers release whose code sends its attention through the interface"
-        return (f"tensor parallel (TP={tp_size}) with {model_type}'s attention replicated on every rank (its tp_plan "
-                f"gathers the heads) needs the attention interface, which transformers "
-                f"{compat.transformers_version()} does not give it. Fix: tensor_parallel_size=1, or {upgrade}.")
+        model_type = getattr(getattr(routed[0], "config", None), "model_type", None)
+        return (f"tensor parallel (TP={tp_size}) with {model_type or 'this model'}'s attention replicated on every "
+                f"rank (its tp_plan gathers the heads) needs the attention interface, which transformers "
+                f"{compat.transformers_version()} does not give it. Fix: tensor_parallel_size=1, or a transformers "
+                f"release that sends its attention through the interface." + compat.attention_interface_hint(model_type))
     heads, kv_heads = total_heads // tp_size, max(1, total_kv_heads // tp_size)
     values = {"heads": (total_heads, heads), "kv_heads": (total_kv_heads, kv_heads),
               "width": (total_heads * head_size, heads * head_size)}

@@ -223,9 +223,6 @@ def interface_supported(name: str) -> bool:
     since = NOT_ROUTABLE.get(name)
     return not since or transformers_version() >= Version(since)
 
-    since = INTERFACE_SINCE.get(name)
-    return not since or transformers_version() >= Version(since)
-
 _CAUSAL_CLASS = {
     "gemma3": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel",
 }

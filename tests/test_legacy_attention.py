@@ -25,7 +25,7 @@ from torch import nn
 from tests.helpers import (ARCHITECTURES, MOE_ARCHITECTURES, PROMPTS, Engine, build_moe_checkpoint,
                            hf_greedy, interface_supported, moe_config, require_architecture, routed_attention,
                            transformers_version, vllm_greedy, vllm_model)
-from vllm_transformers_backend import compat, legacy_attention
+from vllm_transformers_backend import compat, legacy_attention, tp_plan
 from tests.test_tensor_parallel import spawned_workers  # noqa: F401  (a fixture, used by TP cases)
 from vllm_transformers_backend.attention import AttentionContext, attention_context
 
@@ -165,8 +165,8 @@ def test_legacy_decoder_generates_hf_tokens(arch, checkpoints):
         assert vllm_greedy(llm, PROMPTS, 10) == expected
 
 
-LEGACY_MOE = [(a, h, 1) for a in ("qwen2_moe", "olmoe") if a in MOE_ARCHITECTURES for h in MOE_HEADS] + \
-             [("qwen2_moe", h, 2) for h in MOE_HEADS]  # (4.x OLMoE declares no tp_plan)
+#: TP=2 of OLMoE: 4.x declares no tp_plan for it; the backend shards it with 5.0's (gathered heads).
+LEGACY_MOE = [(a, h, tp) for a in ("qwen2_moe", "olmoe") if a in MOE_ARCHITECTURES for h in MOE_HEADS for tp in (1, 2)]
 
 
 @pytest.mark.parametrize("arch, heads, tp", LEGACY_MOE,
@@ -185,7 +185,7 @@ def test_legacy_moe_generates_hf_tokens(arch, heads, tp, tmp_path, request):
     prompts = PROMPTS + [[7]]
     expected = hf_greedy(path, prompts, 10)
     if tp > 1:
-        if not moe_config(arch).base_model_tp_plan:
+        if not tp_plan.config_plan(moe_config(arch), "base_model_tp_plan"):
             pytest.skip(f"transformers {transformers_version()} declares no tp_plan for {arch}")
         request.getfixturevalue("spawned_workers")
     assert _greedy(path, prompts=prompts, max_tokens=10, inspect=lambda llm: _assert_routed(llm, 2),
@@ -224,10 +224,11 @@ def test_check_says_the_attention_is_routed(arch, tmp_path, capsys):
     # HF's expert loop is data-dependent: no forward on meta, so the dispatch is left to the first forward
     assert attention["status"] == "warn" and "dispatch not verified on meta" in attention["detail"], attention
     assert "predates the interface" in attention["detail"] and "routed" in attention["detail"], attention
-    if arch == "qwen2_moe":  # it has a tp_plan on 4.x, which shards it as any model
-        assert check.main(str(path), tp=2, as_json=True) == 0
-        tp = next(f for f in json.loads(capsys.readouterr().out)["findings"] if f["check"] == "tensor parallel")
-        assert tp["status"] in ("ok", "warn") and "tp_plan covers" in tp["detail"], tp  # (4.57.6: experts replicated)
+    # Qwen2-MoE has a tp_plan on 4.x; OLMoE gets the one 5.0 declares
+    assert check.main(str(path), tp=2, as_json=True) == 0
+    tp = next(f for f in json.loads(capsys.readouterr().out)["findings"] if f["check"] == "tensor parallel")
+    assert tp["status"] in ("ok", "warn") and "tp_plan covers" in tp["detail"], tp  # (4.57.6: experts replicated)
+    assert ("the backend uses the one a later release declares" in tp["detail"]) == (arch == "olmoe"), tp
 
 
 def test_check_names_the_routing_for_an_encoder(tmp_path, capsys):

@@ -25,7 +25,7 @@ from tests.helpers import (MOE_ARCHITECTURES, PROMPTS, Engine, build_moe_checkpo
                            moe_config, packed_experts, per_expert_tensors, require_architecture, transformers_version,
                            vllm_model)
 from tests.test_tensor_parallel import _greedy, spawned_workers  # noqa: F401  (a fixture, used by TP cases)
-from vllm_transformers_backend import moe, moe_layers
+from vllm_transformers_backend import moe, moe_layers, tp_plan
 from vllm_transformers_backend.moe_weights import ExpertSlots, ExpertsShape, ExpertTensors
 from vllm_transformers_backend.weights import WeightsLoadingError
 
@@ -283,7 +283,7 @@ def test_check_names_the_moe_path_and_the_checkpoint_layout(tmp_path, capsys):
     arch = "qwen2_moe" if _v5() else "mixtral"
     require_architecture(arch)
     path = build_moe_checkpoint(arch, tmp_path / "packed", packed=True)
-    tp = 2 if moe_config(arch).base_model_tp_plan else 1  # 4.48's Mixtral has no tp_plan at all
+    tp = 2 if tp_plan.config_plan(moe_config(arch), "base_model_tp_plan") else 1  # 4.48's Mixtral has none
     code, report = _report(capsys, path, tp=tp)
     assert code == 0, report["findings"]
     moe_finding = _finding(report, "mixture of experts")
@@ -385,7 +385,7 @@ def test_engine_matches_hf_generate(arch, mode, layout, tp, moe_checkpoints, hf_
     if not _require_engine(arch, path):
         return
     if tp > 1:
-        if not moe_config(arch).base_model_tp_plan:
+        if not tp_plan.config_plan(moe_config(arch), "base_model_tp_plan"):
             pytest.skip(f"transformers {transformers_version()} declares no tp_plan for {arch}")
         request.getfixturevalue("spawned_workers")
     assert _engine_tokens(path, mode, monkeypatch, tp) == hf_tokens(reference)

@@ -43,7 +43,7 @@ from .config import BackendConfig, current_backend_config
 from .hf_model import BackendError
 from .layers import GatheredHeadsAttention, make_embedding, make_linear
 from .passes import Build, PassReport, run_speed_passes
-from .tp_plan import TPPlan, collect_tp_plan
+from .tp_plan import TPPlan, collect_tp_plan, uses_later_release_plan
 from .weights import WeightsMapper, build_weights_mapper, load_weights
 from .windowed_attention import WindowedAttention
 
@@ -130,6 +130,9 @@ class Base(nn.Module):
             kernels.check_paged_attention_head_size(self.device, self.bundle.model_config.get_head_size())
         self._setup_pipeline(hf_model)
         self._tp_plan_map = collect_tp_plan(hf_model, self.model, self._checkpoint_prefix, self.text_config)
+        if self.tp_size > 1 and uses_later_release_plan(self.text_config):
+            logger.info("transformers %s declares no tp_plan for %s: sharding it with the plan a later release "
+                        "declares", compat.transformers_version(), self.text_config.model_type)
         head_size = self.bundle.model_config.get_head_size()
         build = Build(self.model, self.device, tp_size=self.tp_size, quant_config=self.quant_config,
                       head_size=head_size, num_layers=self.text_config.num_hidden_layers, is_encoder=self.is_encoder,
@@ -137,11 +140,9 @@ class Base(nn.Module):
                       max_positions=self.bundle.model_config.max_model_len)
         self.moe, moe_report = self._prepare_moe(build)
         self._replace_modules()
-        refused = legacy_attention.shard_for_tensor_parallel(
+        legacy_attention.shard_for_tensor_parallel(
             self.model, self.tp_size, self.text_config.num_attention_heads,
             self.bundle.model_config.get_total_num_kv_heads(), head_size, _gathers_heads)
-        if refused:
-            raise BackendError(refused)
         self.speed_passes: List[PassReport] = [moe_report] + run_speed_passes(build)
         rotary = next((r for r in self.speed_passes if r.name == "rotary"), None)
         #: The modeling modules whose rotation runs through vLLM's kernel in this model's forward, and whether

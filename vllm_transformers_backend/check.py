@@ -425,7 +425,7 @@ def _check_tensor_parallel(report: Report, body: Any, plan: Dict[str, str], text
     """The backend's own plan lookup (:class:`.tp_plan.TPPlan`: a tensor's entry before its module's) and
     style table, over the linears the backend replaces."""
     from .layers import KNOWN_LINEAR_STYLES, UnsupportedTPStyleError
-    from .tp_plan import TPPlan
+    from .tp_plan import TPPlan, uses_later_release_plan
 
     lookup = TPPlan(plan)
     uncovered, unknown, indivisible = [], [], []
@@ -472,6 +472,10 @@ def _check_tensor_parallel(report: Report, body: Any, plan: Dict[str, str], text
                    f"have no style and are replicated on every rank (correct, not sharded)", uncovered)
     else:
         report.add("tensor parallel", OK, f"tp_plan covers all {total} linears at TP={tp}")
+    if plan and uses_later_release_plan(text_config):
+        finding = report.findings[-1]
+        finding.detail += (f" (transformers {compat.transformers_version()} declares no tp_plan for "
+                           f"{text_config.model_type}: the backend uses the one a later release declares)")
     _check_heads(report, text_config, tp)
 
 

@@ -21,7 +21,7 @@ first forward's dispatch record (a class whose SDPA path falls back to eager cod
 relative positions for one, fails there with the reason).
 
 Tensor parallel: the same SDPA code sizes its views by the module's head counts and width, which
-:func:`shard_for_tensor_parallel` sets to the rank's.
+:func:`shard_for_tensor_parallel` sets to the rank's (or, where the plan gathers the heads, leaves whole).
 
 Outside the engine (no attention context) the call is torch's own, with the arguments HF gave.
 """
@@ -197,32 +197,28 @@ _HEAD_ATTRIBUTES = (("num_heads", "heads"), ("num_attention_heads", "heads"), ("
 
 
 def shard_for_tensor_parallel(model: nn.Module, tp_size: int, total_heads: int, total_kv_heads: int, head_size: int,
-                              gathers_heads: Callable[[nn.Module], bool]) -> Optional[str]:
+                              gathers_heads: Callable[[nn.Module], bool]) -> None:
     """Tensor parallel for routed modules: their SDPA code sizes views by the module's head counts and width
     (``view(bsz, q_len, self.hidden_size)``) and repeats keys by ``num_key_value_groups``, all for the whole
     model; each routed module gets this rank's values (its heads, vLLM's KV heads for the rank, their width, the
-    rank's grouping), which is what its column-parallel projections give it. Returns why the model cannot be
-    sharded instead (None: it can, or nothing is routed): a module whose projections gather every head on every
-    rank would need the model's values and its keys un-repeated to all KV heads, which is not done."""
+    rank's grouping), which is what its column-parallel projections give it. A module whose projections gather
+    every head on every rank (OLMoE's plan: its q/k norms span all heads) keeps the model's values: it hands all
+    heads, with keys repeated to all of them, so the routed call un-repeats them to the model's KV heads and the
+    layer's :class:`.layers.GatheredHeadsAttention` attends with this rank's share and gathers the output."""
     if tp_size == 1:
-        return None
-    routed = [m for m in model.modules() if is_routed(m)]
-    if not routed:
-        return None
-    if any(gathers_heads(m) for m in routed):
-        model_type = getattr(getattr(routed[0], "config", None), "model_type", None)
-        return (f"tensor parallel (TP={tp_size}) with {model_type or 'this model'}'s attention replicated on every "
-                f"rank (its tp_plan gathers the heads) needs the attention interface, which transformers "
-                f"{compat.transformers_version()} does not give it. Fix: tensor_parallel_size=1, or a transformers "
-                f"release that sends its attention through the interface." + compat.attention_interface_hint(model_type))
+        return
     heads, kv_heads = total_heads // tp_size, max(1, total_kv_heads // tp_size)
     values = {"heads": (total_heads, heads), "kv_heads": (total_kv_heads, kv_heads),
               "width": (total_heads * head_size, heads * head_size)}
-    for module in routed:
+    for module in model.modules():
+        if not is_routed(module):
+            continue
+        if gathers_heads(module):
+            module._vtb_kv_heads = total_kv_heads
+            continue
         for name, kind in _HEAD_ATTRIBUTES:
             total, local = values[kind]
             if getattr(module, name, None) == total:
                 setattr(module, name, local)
         if getattr(module, "num_key_value_groups", None) == total_heads // total_kv_heads:
             module.num_key_value_groups = heads // kv_heads
-    return None

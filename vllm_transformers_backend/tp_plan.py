@@ -51,20 +51,48 @@ def class_plans(obj: Any, attr: str) -> List[Dict[str, Any]]:
     return found
 
 
+#: Plans a later transformers release declares for a model whose installed release declares none, written for
+#: the installed release's module layout. OLMoE: transformers 5.0 gathers q/k/v on every rank (its q/k norms
+#: span all heads) and splits o_proj's full input; 4.x has per-expert ``OlmoeMLP`` linears, split as 4.x's
+#: Qwen3-MoE plan splits its own. Used only where neither the config nor its class has a plan.
+LATER_RELEASE_TP_PLANS: Dict[str, Dict[str, str]] = {
+    "olmoe": {
+        "layers.*.self_attn.q_proj": "colwise_gather_output",
+        "layers.*.self_attn.k_proj": "colwise_gather_output",
+        "layers.*.self_attn.v_proj": "colwise_gather_output",
+        "layers.*.self_attn.o_proj": "rowwise_split_input",
+        "layers.*.mlp.experts.*.gate_proj": "colwise",
+        "layers.*.mlp.experts.*.up_proj": "colwise",
+        "layers.*.mlp.experts.*.down_proj": "rowwise",
+    },
+}
+
+
 def config_plan(text_config: Any, attr: str) -> Dict[str, Any]:
     """``text_config.<attr>`` (``base_model_tp_plan``/``base_model_pp_plan``), else the class default of
-    transformers' own config class for the same ``model_type``: vLLM 0.6.2 loads some configs (Granite,
-    ...) with classes of its own, which carry no plan."""
+    transformers' own config class for the same ``model_type`` (vLLM 0.6.2 loads some configs, Granite's
+    among them, with classes of its own, which carry no plan), else the tp_plan of
+    :data:`LATER_RELEASE_TP_PLANS`."""
     plan = getattr(text_config, attr, None)
     if plan:
         return dict(plan)
+    model_type = getattr(text_config, "model_type", "")
     try:
         from transformers import CONFIG_MAPPING
 
-        cls = CONFIG_MAPPING[getattr(text_config, "model_type", "")]
+        plan = getattr(CONFIG_MAPPING[model_type], attr, None)
     except (KeyError, ImportError):
-        return {}
-    return dict(getattr(cls, attr, None) or {})
+        plan = None
+    if not plan and attr == "base_model_tp_plan":
+        plan = LATER_RELEASE_TP_PLANS.get(model_type)
+    return dict(plan or {})
+
+
+def uses_later_release_plan(text_config: Any) -> bool:
+    """Whether :func:`config_plan` gives this model the backend's copy of a later release's tp_plan."""
+    return (not getattr(text_config, "base_model_tp_plan", None)
+            and config_plan(text_config, "base_model_tp_plan") == LATER_RELEASE_TP_PLANS.get(
+                getattr(text_config, "model_type", ""), {}))
 
 
 def collect_plan(hf_model: nn.Module, body: nn.Module, body_name: str, text_config: Any, kind: str,

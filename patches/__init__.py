@@ -23,7 +23,6 @@ from .config_dtype import ConfigDtypePatch
 from .cpu_embedding import CpuEmbeddingPatch
 from .cpu_group_coordinator import CpuGroupCoordinatorPatch
 from .cpu_model_input import CpuModelInputPatch
-from .cuda_graph_capture import CudaGraphCapturePatch
 from .embedding_runner import EmbeddingRunnerPatch
 from .engine_args import EngineArgsPatch
 from .guided_decoding import GuidedDecodingPatch
@@ -63,7 +62,6 @@ PATCHES: List[Patch] = [
     OpenAIPromptTokensPatch(),
     GuidedDecodingPatch(),
     MQEngineLivenessPatch(),
-    CudaGraphCapturePatch(),
     CpuEmbeddingPatch(),
     EmbeddingRunnerPatch(),
     PipelineParallelPatch(),

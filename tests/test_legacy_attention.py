@@ -287,17 +287,24 @@ def test_tensor_parallel_gives_routed_modules_the_ranks_head_counts(shape, local
     legacy_attention.route(model)
     eager = model[1]
     eager.num_heads = heads
-    assert legacy_attention.shard_for_tensor_parallel(model, 1, heads, kv_heads, 16, lambda m: False) is None
+    legacy_attention.shard_for_tensor_parallel(model, 1, heads, kv_heads, 16, lambda m: False)
     assert (module.num_heads, module.num_key_value_heads) == (heads, kv_heads)  # TP=1: untouched
-    assert legacy_attention.shard_for_tensor_parallel(model, tp, heads, kv_heads, 16, lambda m: False) is None
+    legacy_attention.shard_for_tensor_parallel(model, tp, heads, kv_heads, 16, lambda m: False)
     assert (module.num_heads, module.num_key_value_heads, module.num_key_value_groups) == local
     assert module.hidden_size == local[0] * 16 and eager.num_heads == heads  # only routed modules change
 
 
-def test_tensor_parallel_is_refused_where_the_plan_gathers_a_routed_modules_heads():
-    module = ToySdpaAttention(4, 2, 16)
-    model = nn.ModuleList([module])
+def test_a_routed_module_whose_plan_gathers_its_heads_keeps_the_models_values():
+    """OLMoE's plan gathers q/k/v on every rank: its SDPA code sees all heads, keys repeated to all of them, so
+    the module keeps the model's counts and the routed call un-repeats to the model's KV heads."""
+    modules = []
+    for _ in range(2):
+        module = ToySdpaAttention(4, 2, 16)
+        module.num_heads, module.num_key_value_heads, module.hidden_size = 4, 2, 64
+        modules.append(module)
+    model = nn.ModuleList(modules)
     legacy_attention.route(model)
-    refused = legacy_attention.shard_for_tensor_parallel(model, 2, 4, 2, 16, lambda m: m is module)
-    assert "tensor parallel (TP=2)" in refused and "tensor_parallel_size=1" in refused
-    assert module.num_key_value_groups == 2  # nothing changed
+    gathered, split = model
+    legacy_attention.shard_for_tensor_parallel(model, 2, 4, 2, 16, lambda m: m is gathered)
+    assert (gathered.num_heads, gathered.num_key_value_groups, gathered._vtb_kv_heads) == (4, 2, 2)
+    assert (split.num_heads, split.num_key_value_heads) == (2, 1) and "_vtb_kv_heads" not in vars(split)

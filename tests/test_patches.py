@@ -138,36 +138,3 @@ def test_only_entry_points_import_the_patches():
                  "import vllm_transformers_backend.patches.cli", "from . import patches"):
         assert _imports_patches(line), line
 
-
-def test_cuda_graph_capture_runs_with_the_heap_frozen(monkeypatch):
-    """vLLM 0.6.2 runs two full collections per captured batch size; patched (as vLLM >= 0.10), capture sees
-    only what it makes itself: the heap from before is frozen, garbage made during capture is still collected,
-    and afterwards the heap is the collector's again. ``VLLM_ENABLE_CUDAGRAPH_GC=1`` keeps 0.6.2's behaviour."""
-    import gc
-    import weakref
-
-    from vllm.worker.model_runner import GPUModelRunnerBase
-
-    from vllm_transformers_backend.patches import cuda_graph_capture
-    from vllm_transformers_backend.patches._base import is_wrapped
-
-    assert is_wrapped(GPUModelRunnerBase.__dict__["capture_model"], "cuda_graph_capture")
-
-    class Cycle:
-        def __init__(self):
-            self.me = self
-
-    def capture(runner):
-        made = Cycle()
-        gone = weakref.ref(made)
-        del made
-        gc.collect()  # as vLLM's CUDAGraphRunner.capture does after the warm-up forwards
-        return runner, gc.get_freeze_count(), gone() is None
-
-    before = Cycle()
-    monkeypatch.delenv(cuda_graph_capture.KEEP_COLLECTIONS_ENV, raising=False)
-    runner, frozen, collected = cuda_graph_capture.run_with_heap_frozen(capture, "runner")
-    assert runner == "runner" and frozen > 0 and collected  # heap frozen, the capture's own garbage collected
-    assert gc.get_freeze_count() == 0 and gc.is_tracked(before)
-    monkeypatch.setenv(cuda_graph_capture.KEEP_COLLECTIONS_ENV, "1")
-    assert cuda_graph_capture.run_with_heap_frozen(capture, "runner")[1] == 0

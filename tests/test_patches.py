@@ -137,4 +137,3 @@ def test_only_entry_points_import_the_patches():
     for line in ("from .patches import ensure_applied", "from vllm_transformers_backend.patches import apply_all",
                  "import vllm_transformers_backend.patches.cli", "from . import patches"):
         assert _imports_patches(line), line
-

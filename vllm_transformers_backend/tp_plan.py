@@ -71,28 +71,30 @@ LATER_RELEASE_TP_PLANS: Dict[str, Dict[str, str]] = {
 def config_plan(text_config: Any, attr: str) -> Dict[str, Any]:
     """``text_config.<attr>`` (``base_model_tp_plan``/``base_model_pp_plan``), else the class default of
     transformers' own config class for the same ``model_type`` (vLLM 0.6.2 loads some configs, Granite's
-    among them, with classes of its own, which carry no plan), else the tp_plan of
+    among them, with classes of its own, which carry no plan), else, for the tp_plan,
     :data:`LATER_RELEASE_TP_PLANS`."""
+    plan = _declared_plan(text_config, attr)
+    if not plan and attr == "base_model_tp_plan":
+        plan = LATER_RELEASE_TP_PLANS.get(getattr(text_config, "model_type", ""))
+    return dict(plan or {})
+
+
+def _declared_plan(text_config: Any, attr: str) -> Any:
     plan = getattr(text_config, attr, None)
     if plan:
-        return dict(plan)
-    model_type = getattr(text_config, "model_type", "")
+        return plan
     try:
         from transformers import CONFIG_MAPPING
 
-        plan = getattr(CONFIG_MAPPING[model_type], attr, None)
+        return getattr(CONFIG_MAPPING[getattr(text_config, "model_type", "")], attr, None)
     except (KeyError, ImportError):
-        plan = None
-    if not plan and attr == "base_model_tp_plan":
-        plan = LATER_RELEASE_TP_PLANS.get(model_type)
-    return dict(plan or {})
+        return None
 
 
 def uses_later_release_plan(text_config: Any) -> bool:
     """Whether :func:`config_plan` gives this model the backend's copy of a later release's tp_plan."""
-    return (not getattr(text_config, "base_model_tp_plan", None)
-            and config_plan(text_config, "base_model_tp_plan") == LATER_RELEASE_TP_PLANS.get(
-                getattr(text_config, "model_type", ""), {}))
+    return (not _declared_plan(text_config, "base_model_tp_plan")
+            and getattr(text_config, "model_type", "") in LATER_RELEASE_TP_PLANS)
 
 
 def collect_plan(hf_model: nn.Module, body: nn.Module, body_name: str, text_config: Any, kind: str,

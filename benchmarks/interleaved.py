@@ -77,21 +77,21 @@ def ratio_stats(rounds: List[Dict[str, Any]], target: float, metric: str = "wall
     """Median per-round ratio (native time / backend time, by ``metric``: wall or cpu) with its interval, the
     ratio of total times with its interval, and the median of each order."""
     key = f"{metric}_s"
-    ratios = [r["native"][key] / r["backend"][key] for r in rounds if r["backend"][key] > 0 and r["native"][key] > 0]
+    rounds = [r for r in rounds if r["backend"].get(key, 0) > 0 and r["native"].get(key, 0) > 0]
+    ratios = [r["native"][key] / r["backend"][key] for r in rounds]
     if not ratios:
         return {"rounds": 0, "metric": metric}
     out: Dict[str, Any] = {"rounds": len(ratios), "metric": metric, "median": statistics.median(ratios)}
-    by_order = {order: [r["native"][key] / r["backend"][key] for r in rounds if r["order"] == order
-                        and r["backend"][key] > 0 and r["native"][key] > 0] for order in ("native first", "backend first")}
+    by_order = {order: [r["native"][key] / r["backend"][key] for r in rounds if r["order"] == order]
+                for order in ("native first", "backend first")}
     out["per_order"] = {order: {"rounds": len(v), "median": statistics.median(v) if v else None}
                         for order, v in by_order.items()}
-    pairs = [(r["native"][key], r["backend"][key]) for r in rounds if r["backend"][key] > 0 and r["native"][key] > 0]
+    pairs = [(r["native"][key], r["backend"][key]) for r in rounds]
     out["total_ratio"] = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
     kinds: Dict[str, List[float]] = {}
     for r in rounds:
-        if r["backend"][key] > 0 and r["native"][key] > 0:
-            kind = r["native"].get("kinds", ["?"])
-            kinds.setdefault(kind[0] if len(kind) == 1 else "mixed", []).append(r["native"][key] / r["backend"][key])
+        kind = r["native"].get("kinds", ["?"])
+        kinds.setdefault(kind[0] if len(kind) == 1 else "mixed", []).append(r["native"][key] / r["backend"][key])
     out["per_kind"] = {k: {"rounds": len(v), "median": statistics.median(v)} for k, v in kinds.items()}
     if len(ratios) >= 4:
         out["interval"] = bootstrap_interval(ratios)
@@ -103,6 +103,29 @@ def ratio_stats(rounds: List[Dict[str, Any]], target: float, metric: str = "wall
         out["interval"] = out["total_interval"] = None
         out["half_width"] = None
         out["resolved"] = False
+    return out
+
+
+ROUND_PHASES = ("schedule", "prepare", "forward", "logits", "sample", "process", "other", "host",
+                "device_forward", "device_sample")
+
+
+def decode_host_stats(rounds: List[Dict[str, Any]], target: float) -> Dict[str, Any]:
+    """Host time of decode steps, paired by round: the ratio of the engines' host time (wall - device wait;
+    native / backend as for throughput) and, per phase, the median of backend - native in ms per step with its
+    95% interval. Rounds pair identical batches run back to back, so these resolve host differences that the
+    medians of each engine's steps (taken over different moments) cannot."""
+    decode = [r for r in rounds if r["native"].get("kinds") == ["decode"] and r["backend"].get("kinds") == ["decode"]]
+    out: Dict[str, Any] = {"host_ratio": ratio_stats(decode, target, "host"), "phase_ms_per_step": {}}
+    for phase in ROUND_PHASES:
+        key = f"{phase}_s"
+        deltas = [1e3 * (r["backend"][key] - r["native"][key]) / r["native"]["steps"]
+                  for r in decode if key in r["backend"] and key in r["native"] and r["native"]["steps"]]
+        if len(deltas) >= 4:
+            natives = [1e3 * r["native"][key] / r["native"]["steps"] for r in decode if key in r["native"]]
+            out["phase_ms_per_step"][phase] = {"native": statistics.median(natives),
+                                               "delta": statistics.median(deltas),
+                                               "interval": bootstrap_interval(deltas)}
     return out
 
 
@@ -203,6 +226,33 @@ class Child:
         self.proc.wait()
 
 
+def _start_entry(ready: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: ready.get(k) for k in ("start_s", "start_cpu_s", "start_phases", "import_s", "child_start_s")}
+
+
+def start_stats(entries: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Backend start / native start over the pairs: the median and its interval, the median of each order,
+    and their geometric mean (each order weighted alike however many pairs each has), and per start phase the
+    median backend - native difference in seconds."""
+    ratios = {order: [e["transformers"]["start_s"] / e["vllm"]["start_s"] for e in entries if e["first"] == order]
+              for order in IMPLS}
+    every = [r for v in ratios.values() for r in v]
+    if not every:
+        return {"pairs": 0}
+    out: Dict[str, Any] = {"pairs": len(every), "median": statistics.median(every),
+                           "interval": bootstrap_interval(every) if len(every) >= 4 else None,
+                           "per_first": {f"{LABEL[o]} first": {"pairs": len(v), "median": statistics.median(v) if v
+                                                               else None} for o, v in ratios.items()}}
+    if all(ratios.values()):
+        medians = [statistics.median(v) for v in ratios.values()]
+        out["order_balanced"] = (medians[0] * medians[1]) ** 0.5
+    phases = sorted({k for e in entries for i in IMPLS for k in (e[i].get("start_phases") or {})})
+    out["phase_delta_s"] = {k: statistics.median(e["transformers"]["start_phases"].get(k, 0.0)
+                                                 - e["vllm"]["start_phases"].get(k, 0.0) for e in entries)
+                            for k in phases}
+    return out
+
+
 # --- one comparison --------------------------------------------------------------------------------------
 
 
@@ -215,7 +265,7 @@ def _round_entry(reply: Dict[str, Any]) -> Dict[str, Any]:
                              "kinds": sorted({s["kind"] for s in steps}),
                              "preempted": sum(s.get("preempted", 0) for s in steps),
                              "gc_s": reply.get("gc_s")}
-    for key in ("schedule", "prepare", "forward", "logits", "sample", "process", "other",
+    for key in ("schedule", "prepare", "forward", "logits", "wait", "sample", "process", "other", "host",
                 "device_forward", "device_logits", "device_sample"):
         values = [s[key] for s in steps if s.get(key) is not None]
         if values:
@@ -286,7 +336,7 @@ class Comparison:
         self.children[impl] = Child(impl, argv, env, a.quiet)
         self.spawned = time.monotonic()
 
-    def start(self, impl: str) -> None:
+    def start(self, impl: str, record: bool = True) -> Dict[str, Any]:
         child = self.children[impl]
         imported = child.receive(timeout=max(30.0, min(self.args.start_timeout, self.left())))
         self.log(f"starting the {LABEL[impl]} engine ({impl}; its vLLM import took {imported['import_s']:.1f} s)")
@@ -299,9 +349,50 @@ class Comparison:
             raise ChildError(f"the backend engine built {ready['model_class']}, expected {expected}")
         if (impl == "vllm" or self.args.control) and ready["model_class"] == "TransformersForCausalLM":
             raise ChildError("the native engine built the Transformers backend (no native class for this model?)")
-        self.invocation["engines"][impl] = ready
+        if record:
+            self.invocation["engines"][impl] = ready
         self.log(f"{LABEL[impl]} engine ready: LLM() {ready['start_s']:.1f} s, {ready['model_class']}, weights "
                  f"{ready['weight_bytes'] / 2 ** 30:.3f} GiB, {ready['engine']['num_gpu_blocks']} KV blocks")
+        return ready
+
+    def pair_seconds(self) -> float:
+        """What one more start pair takes, from the main pair: both imports (at once), both starts, shut-down."""
+        engines = self.invocation["engines"]
+        if not all(i in engines for i in IMPLS):
+            return 0.0
+        return (max(engines[i]["import_s"] for i in IMPLS) + sum(engines[i]["child_start_s"] for i in IMPLS)) * 1.2 + 10
+
+    def start_pairs(self) -> None:
+        """``--start-pairs N``: N more pairs of engine starts in fresh processes, alternating which engine starts
+        first (the main pair started ``--first``), so that the start ratio is not one order's.
+
+        Started second, an engine shares the device and the pinned cores with an idle first one; in the A/A
+        control (identical code) the second start took 1.14x the first. One start per engine per invocation
+        cannot tell that from the engines."""
+        a = self.args
+        entries = self.invocation["start_pairs"] = []
+        main = self.invocation["engines"]
+        if all(i in main for i in IMPLS):
+            entries.append({"first": a.first, "main": True, **{i: _start_entry(main[i]) for i in IMPLS}})
+        for n in range(a.start_pairs):
+            if self.left() < self.pair_seconds() + a.reserve_s / 2:
+                self.log(f"start pairs: {n} of {a.start_pairs} run, budget used")
+                break
+            first = IMPLS[::-1][IMPLS.index(a.first)] if n % 2 == 0 else a.first  # the other order first
+            order = (first, *[i for i in IMPLS if i != first])
+            self.children = {}
+            try:
+                for impl in order:
+                    self.spawn(impl)
+                entry: Dict[str, Any] = {"first": first, "main": False}
+                for impl in order:
+                    entry[impl] = _start_entry(self.start(impl, record=False))
+            finally:
+                for child in self.children.values():
+                    child.close()
+            entries.append(entry)
+            self.save()
+        self.invocation["start_stats"] = start_stats(entries)
 
     def both(self, message: Dict[str, Any], order: Sequence[str] = IMPLS) -> Dict[str, Dict[str, Any]]:
         timeout = max(60.0, self.left() + 30.0) if self.args.budget_s else None
@@ -383,6 +474,7 @@ class Comparison:
                   "output_tokens": {LABEL[impl]: sum(r[LABEL[impl]]["generated"] for r in rounds) for impl in IMPLS},
                   "seconds": {LABEL[impl]: sum(r[LABEL[impl]][f"{a.metric}_s"] for r in rounds) for impl in IMPLS}}
         result["tok_s"] = {k2: result["output_tokens"][k2] / v if v else None for k2, v in result["seconds"].items()}
+        result["decode_host"] = decode_host_stats(rounds, a.target)
         ttfts = {LABEL[impl]: [p["ttft_s"][impl] for p in passes if p["ttft_s"]] for impl in IMPLS}
         result["ttft_s"] = {k2: statistics.median(v) if v else None for k2, v in ttfts.items()}
         self.log(describe_workload(w.name, result, a.target))
@@ -435,8 +527,9 @@ class Comparison:
                 self.start(impl)
             self.save()
             names = list(workloads)
+            pairs_s = a.start_pairs * self.pair_seconds()  # kept for the start pairs, which run last
             for i, name in enumerate(names):
-                share = (self.left() - a.reserve_s) / (len(names) - i)
+                share = (self.left() - a.reserve_s - pairs_s) / (len(names) - i)
                 if share <= 0:
                     self.log(f"workload {name} skipped: no budget left")
                     self.invocation["failures"].append({"workload": name, "reason": "budget"})
@@ -456,6 +549,12 @@ class Comparison:
         finally:
             for child in self.children.values():
                 child.close()
+        if a.start_pairs and status == 0:
+            try:
+                self.start_pairs()
+            except ChildError as exc:
+                self.log(f"start pairs FAILED: {exc}")
+                self.invocation["failures"].append({"reason": f"start pairs: {exc}"})
         self.save()
         print("\n" + report(self.invocation, a.target), flush=True)
         self.log(f"results: {self.results_path}")
@@ -569,6 +668,29 @@ def report(inv: Dict[str, Any], target: float) -> str:
                                          "schedule", "prepare", "forward", "logits", "wait", "sample", "process",
                                          "other")),
                                      "device_forward", "device_sample")) + " |")
+    hosts = [(name, r["decode_host"]) for name, r in inv["workloads"].items()
+             if (r.get("decode_host") or {}).get("host_ratio", {}).get("rounds")]
+    if hosts:
+        shown = ("schedule", "prepare", "forward", "logits", "sample", "process", "other", "device_forward")
+        lines += ["", "Decode steps paired by round: host time (wall - device wait) native / backend (above 1: the "
+                  "backend's host is faster), and per phase backend - native, ms per step, median [95% CI]:", "",
+                  "| workload | rounds | host ratio [95% CI] | " + " | ".join(shown) + " |",
+                  "|---|---:|---|" + "---|" * len(shown)]
+        for name, h in hosts:
+            hr, deltas = h["host_ratio"], h["phase_ms_per_step"]
+            cells = [f"{deltas[k]['delta']:+.3f} [{deltas[k]['interval'][0]:+.2f}, {deltas[k]['interval'][1]:+.2f}]"
+                     if k in deltas else "-" for k in shown]
+            lines.append(f"| {name} | {hr['rounds']} | {_fmt_ratio(hr['median'], hr['interval'])} | "
+                         + " | ".join(cells) + " |")
+    starts = inv.get("start_stats") or {}
+    if starts.get("pairs"):
+        per = starts["per_first"]
+        lines += ["", f"Engine start over {starts['pairs']} pairs in fresh processes (backend LLM() / native; which "
+                  f"engine started first alternates): median {_fmt_ratio(starts['median'], starts['interval'])}; "
+                  + "; ".join(f"{k}: {_fmt_ratio(v['median'])} ({v['pairs']})" for k, v in per.items())
+                  + (f"; both orders weighted alike: {starts['order_balanced']:.3f}" if "order_balanced" in starts
+                     else "") + ". Phases, backend - native, median s: "
+                  + ", ".join(f"{k} {v:+.2f}" for k, v in starts["phase_delta_s"].items())]
     latency = [(name, r) for name, r in inv["workloads"].items() if r.get("ttft_s")]
     if latency:
         lines += ["", f"Latency by {metric} time: time to first token (the steps up to the one that sampled the last "
@@ -647,6 +769,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "so the ratios show what two identical engines differ by on this host (results in "
                    "interleaved-MODEL-DEVICE-control.json)")
     p.add_argument("--first", choices=IMPLS, default="vllm", help="which engine starts first")
+    p.add_argument("--start-pairs", type=int, default=0, help="after the workloads, this many more pairs of engine "
+                   "starts in fresh processes, alternating which engine starts first (the order alone moved the "
+                   "start by 1.14x in the A/A control)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.42, help="each engine's share")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the longest workload, rounded up")
     p.add_argument("--max-num-seqs", type=int, default=256)

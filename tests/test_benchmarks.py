@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,43 @@ def test_bootstrap_interval_covers_the_median():
     values = [float(v) for v in range(1, 102)]
     low, high = interleaved.bootstrap_interval(values)
     assert low < 51 < high and high - low < 30
+
+
+def test_decode_host_stats_pair_rounds_and_place_the_difference_in_a_phase():
+    """Backend host time 5% longer than native's, all of it in ``prepare``, under round-to-round drift that both
+    engines share: the paired ratio and the phase deltas find it; prefill rounds are left out."""
+    rng = random.Random(1)
+    rounds = []
+    for i in range(40):
+        drift = rng.uniform(0.7, 1.4)  # the host's speed this round, the same for both engines
+        native = {"kinds": ["decode"], "steps": 10, "prepare_s": 0.01 * drift, "sample_s": 0.01 * drift}
+        backend = {"kinds": ["decode"], "steps": 10, "prepare_s": 0.011 * drift, "sample_s": 0.01 * drift}
+        for side in (native, backend):
+            side["host_s"] = side["prepare_s"] + side["sample_s"]
+        rounds.append({"order": "native first" if i % 2 else "backend first", "native": native, "backend": backend})
+    rounds.append({"order": "native first", "native": {"kinds": ["prefill"], "steps": 1, "host_s": 1.0},
+                   "backend": {"kinds": ["prefill"], "steps": 1, "host_s": 9.0}})
+    stats = interleaved.decode_host_stats(rounds, target=0.03)
+    assert stats["host_ratio"]["rounds"] == 40
+    assert abs(stats["host_ratio"]["median"] - 1 / 1.05) < 0.01 and stats["host_ratio"]["resolved"]
+    prepare, sample = stats["phase_ms_per_step"]["prepare"], stats["phase_ms_per_step"]["sample"]
+    assert prepare["interval"][0] > 0 and 0.05 < prepare["delta"] < 0.15
+    assert sample["interval"][0] <= 0 <= sample["interval"][1]
+
+
+def test_start_stats_weigh_both_orders_alike():
+    """Whichever engine starts second takes 1.2x longer; the backend itself 1.05x. Three pairs with the backend
+    second and one with it first: the plain median is the order's, the order-balanced estimate the engine's."""
+    def pair(first: str, native: float, backend: float) -> dict:
+        return {"first": first, "vllm": {"start_s": native, "start_phases": {"load_model": 1.0}},
+                "transformers": {"start_s": backend, "start_phases": {"load_model": 1.5}}}
+
+    entries = [pair("vllm", 20.0, 20.0 * 1.05 * 1.2)] * 3 + [pair("transformers", 20.0 * 1.2, 20.0 * 1.05)]
+    stats = interleaved.start_stats(entries)
+    assert stats["pairs"] == 4 and stats["per_first"]["native first"]["pairs"] == 3
+    assert abs(stats["median"] - 1.26) < 1e-6
+    assert abs(stats["order_balanced"] - 1.05) < 1e-6
+    assert stats["phase_delta_s"] == {"load_model": 0.5}
 
 
 def test_smoke_run_end_to_end(checkpoints, tmp_path):
@@ -81,6 +119,10 @@ def test_smoke_run_end_to_end(checkpoints, tmp_path):
             assert decode["forward_ms"] > 0 and decode["schedule_ms"] > 0 and decode["sample_ms"] > 0
             assert decode["device_forward_ms"] is None  # the CPU engine: host timers only
         assert all(v > 0 for v in result["ttft_s"].values())
+        host = result["decode_host"]  # decode rounds paired: host ratio and per-phase differences
+        assert host["host_ratio"]["rounds"] >= 1 and host["host_ratio"]["median"] > 0
+        if host["host_ratio"]["rounds"] >= 4:
+            assert {"prepare", "forward", "sample", "host"} <= set(host["phase_ms_per_step"])
     profiles = {(p["impl"], p["label"]): p for p in inv["profiles"]}
     assert {impl for impl, _ in profiles} == {"vllm", "transformers"} and len(profiles) >= 4
     assert all(p["host_ops_per_step"] > 0 and p["host_ops"] for p in profiles.values())
@@ -94,14 +136,20 @@ def test_interleaved_control_runs_native_in_both_slots(tmp_path, checkpoints):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "interleaved.py"), "--device", "cpu", "--smoke", "--checkpoint",
            str(path), "--model", "tiny-qwen2", "--workloads", "small", "--control", "--out", str(tmp_path), "--quiet",
-           "--budget-s", "120"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+           "--budget-s", "180", "--start-pairs", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not (tmp_path / "interleaved-tiny-qwen2-cpu.json").exists()
     (inv,) = json.loads((tmp_path / "interleaved-tiny-qwen2-cpu-control.json").read_text())["invocations"]
     assert {e["model_class"] for e in inv["engines"].values()} == {"Qwen2ForCausalLM"}
     assert inv["options"]["control"] and len(inv["workloads"]["small"]["rounds"]) >= 4
     assert "A/A control" in proc.stdout
+    # --start-pairs 1: one more pair of starts in fresh processes, the other engine first
+    pairs = inv["start_pairs"]
+    assert [p["first"] for p in pairs] == ["vllm", "transformers"] and [p["main"] for p in pairs] == [True, False]
+    assert all(p[i]["start_s"] > 0 and "load_model" in p[i]["start_phases"] for p in pairs for i in ("vllm", "transformers"))
+    assert inv["start_stats"]["pairs"] == 2 and "order_balanced" in inv["start_stats"]
+    assert "Engine start over 2 pairs" in proc.stdout
 
 
 def test_step_timer_cuda_path_with_stand_in_events(checkpoints, monkeypatch):

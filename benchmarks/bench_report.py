@@ -12,7 +12,7 @@ from bench_specs import MODEL_LABELS
 
 SCHEMA = 1
 _IMPL_ORDER = {"vllm": 0, "transformers": 1, "hf": 2}
-_MODEL_ORDER = {"tiny": 0, "1b": 1, "8b": 2, "tiny-moe": 3, "mixtral-moe": 4, "qwen2-moe": 5, "qwen3-moe": 6}
+_MODEL_ORDER = {"tiny": 0, "1b": 1, "8b": 2, "tiny-moe": 3, "mixtral-moe": 4, "qwen2-moe": 5, "qwen3-moe": 6, "tiny-qwen3-moe": 7}
 _WORKLOAD_ORDER = {"decode": 0, "prefill": 1}
 
 

@@ -58,6 +58,10 @@ MODELS: Dict[str, Dict[str, Any]] = {
     "tiny-moe": dict(vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                      num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    # the CPU smoke test of the Qwen3-MoE row (no native model: backend vs HF generate)
+    "tiny-qwen3-moe": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                           num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True),
 }
 #: (config class, model class, tie word embeddings, value of norm weights: Gemma scales by 1 + w)
 ARCHITECTURES: Dict[str, tuple] = {"llama": ("LlamaConfig", "LlamaForCausalLM", False, 1.0),
@@ -67,7 +71,7 @@ ARCHITECTURES: Dict[str, tuple] = {"llama": ("LlamaConfig", "LlamaForCausalLM", 
                                    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", False, 1.0),
                                    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", False, 1.0)}
 ARCHITECTURE = {"gemma3-1b": "gemma3", "gemma3-tiny": "gemma3", "mixtral-moe": "mixtral", "tiny-moe": "mixtral",
-                "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "qwen2": "qwen2", "tiny-qwen2": "qwen2"}
+                "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "tiny-qwen3-moe": "qwen3_moe", "qwen2": "qwen2", "tiny-qwen2": "qwen2"}
 #: MoE architectures: per-expert checkpoint names (gate, up, down), and (5.x name, checkpoint name) of the block
 #: where transformers 5 renamed it. Real checkpoints and vLLM's native loaders use these 4.x names; on 5.x the
 #: meta model holds packed experts, written per expert here.
@@ -78,7 +82,8 @@ MODEL_LABELS = {"1b": "Llama-1B shape", "8b": "Llama-8B shape", "tiny": "tiny Ll
                 "tiny-qwen2": "tiny Qwen2",
                 "gemma3-1b": "Gemma-3-1B shape", "gemma3-tiny": "tiny Gemma 3",
                 "mixtral-moe": "Mixtral-8x7B layers x4", "qwen2-moe": "Qwen1.5-MoE-A2.7B layers x6",
-                "qwen3-moe": "Qwen3-30B-A3B layers x6", "tiny-moe": "tiny Mixtral"}
+                "qwen3-moe": "Qwen3-30B-A3B layers x6", "tiny-moe": "tiny Mixtral",
+                "tiny-qwen3-moe": "tiny Qwen3-MoE"}
 
 
 def architecture(model: str) -> str:

@@ -48,9 +48,11 @@ IMPLS = ("vllm", "transformers", "hf")
 NO_NATIVE = {"gemma3", "qwen3_moe"}
 #: First guesses of a child's wall time (s) for --budget-s; replaced by measured times as children end.
 ESTIMATE_S = {"tiny": 40.0, "1b": 90.0, "8b": 180.0, "gemma3-tiny": 40.0, "gemma3-1b": 240.0, "tiny-moe": 40.0,
-              "mixtral-moe": 150.0, "qwen2-moe": 150.0, "qwen3-moe": 150.0, "qwen2": 90.0, "tiny-qwen2": 40.0}
+              "mixtral-moe": 150.0, "qwen2-moe": 150.0, "qwen3-moe": 150.0, "qwen2": 90.0, "tiny-qwen2": 40.0,
+              "tiny-qwen3-moe": 40.0}
 BUILD_ESTIMATE_S = {"tiny": 15.0, "1b": 40.0, "8b": 150.0, "gemma3-tiny": 15.0, "gemma3-1b": 60.0, "tiny-moe": 15.0,
-                    "mixtral-moe": 120.0, "qwen2-moe": 90.0, "qwen3-moe": 90.0, "qwen2": 40.0, "tiny-qwen2": 15.0}
+                    "mixtral-moe": 120.0, "qwen2-moe": 90.0, "qwen3-moe": 90.0, "qwen2": 40.0, "tiny-qwen2": 15.0,
+                    "tiny-qwen3-moe": 15.0}
 
 
 def expected_class(model: str, impl: str) -> str:

@@ -80,6 +80,37 @@ def test_probe_refuses_a_forward_with_one_more_step(step):
     assert "is not o_proj(attention(rotate(q), rotate(k), v))" in _problem(_variant(step))
 
 
+def test_probe_runs_narrow_and_retries_at_the_real_widths_only_where_the_forward_needs_them(monkeypatch):
+    """The probe's stand-ins are narrow (an 8B layer's real widths cost ~1 s of engine start); a forward that
+    reads its real hidden width is probed again at it and still qualifies, a non-standard one still does not."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from vllm_transformers_backend import attention_forward
+
+    widths = []
+    probe = attention_forward._probe
+    monkeypatch.setattr(attention_forward, "_probe", lambda module, sizes, head_dim, hidden, out_size, *rest:
+                        widths.append((hidden, out_size)) or probe(module, sizes, head_dim, hidden, out_size, *rest))
+    module = _attention_module("llama", hidden_size=96)
+    real = (module.q_proj.in_features, module.o_proj.out_features)
+    assert real == (96, 96)
+    assert _problem(module) is None
+    assert widths == [(attention_forward._PROBE_HIDDEN, attention_forward._PROBE_OUT)]
+
+    class ReadsItsWidth(LlamaAttention):
+        def forward(self, hidden_states, *args, **kwargs):
+            assert hidden_states.shape[-1] == self.config.hidden_size
+            return super().forward(hidden_states, *args, **kwargs)
+
+    widths.clear()
+    module.__class__ = ReadsItsWidth
+    assert _problem(module) is None
+    assert widths == [(attention_forward._PROBE_HIDDEN, attention_forward._PROBE_OUT), real]
+    widths.clear()
+    assert "is not o_proj" in _problem(_variant("scaled"))
+    assert len(widths) == 2
+
+
 def test_probe_refuses_a_scale_other_than_the_scaling_attribute():
     from transformers.models.llama.modeling_llama import LlamaAttention
 

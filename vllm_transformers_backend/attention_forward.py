@@ -116,6 +116,10 @@ def restore_hf_attention(body: nn.Module) -> int:
 #: Input magnitudes the probe runs at: a clamp or a rescaling inside the forward shows at one of them.
 _PROBE_SCALES = (0.01, 1.0, 30.0)
 _PROBE_TOKENS = (1, 5)
+#: Hidden (input) and output widths of the probe's stand-in projections. Only q/k/v widths and head_dim are
+#: the layer's own: at an 8B model's real widths (4096 in and out) drawing the stand-ins and running them made
+#: the probe ~1 s of the engine start; a forward that needs its real widths is probed again at them.
+_PROBE_HIDDEN, _PROBE_OUT = 24, 40
 
 
 class _Recorder:
@@ -139,7 +143,8 @@ def standard_attention_problem(module: nn.Module, sizes: Sequence[int], head_dim
                                qkv_bias: bool, o_bias: bool) -> Optional[str]:
     """Why ``type(module).forward`` is not ``o_proj(attention(rotate(q(x)), rotate(k(x)), v(x)))`` with its
     ``scaling`` as the softmax scale (None: it is), run on the CPU in float32 with stand-in projections of
-    ``sizes`` (q, k, v output widths of this rank), ``hidden`` input and ``out_size`` output features."""
+    ``sizes`` (q, k, v output widths of this rank) from a narrow input to a narrow output; where that fails,
+    once more with the layer's ``hidden`` input and ``out_size`` output features, whose verdict stands."""
     layer_idx = getattr(module, "layer_idx", None)
     if not isinstance(layer_idx, int):
         return "it has no layer_idx"
@@ -151,6 +156,10 @@ def standard_attention_problem(module: nn.Module, sizes: Sequence[int], head_dim
     try:
         module.eval()
         with devices.cpu_probe():
+            narrow = (min(hidden, _PROBE_HIDDEN), min(out_size, _PROBE_OUT))
+            problem = _probe(module, sizes, head_dim, *narrow, qkv_bias, o_bias, layer_idx, scale)
+            if problem is None or narrow == (hidden, out_size):
+                return problem
             return _probe(module, sizes, head_dim, hidden, out_size, qkv_bias, o_bias, layer_idx, scale)
     finally:
         for m, mode in modes:
@@ -162,10 +171,10 @@ def _probe(module: nn.Module, sizes: Sequence[int], head_dim: int, hidden: int, 
     gen = torch.Generator().manual_seed(0)
 
     def linear(inp: int, out: int, bias: bool) -> nn.Linear:
-        lin = nn.Linear(inp, out, bias=bias)
-        lin.weight.data = torch.randn(out, inp, generator=gen) / inp ** 0.5
+        lin = nn.Linear(inp, out, bias=bias, device="meta")  # no default init: the weights are drawn here
+        lin.weight = nn.Parameter(torch.randn(out, inp, generator=gen) / inp ** 0.5, requires_grad=False)
         if bias:
-            lin.bias.data = torch.randn(out, generator=gen) * 0.5
+            lin.bias = nn.Parameter(torch.randn(out, generator=gen) * 0.5, requires_grad=False)
         return lin
 
     projections = {name: linear(hidden, size, qkv_bias) for name, size in zip(QKV_NAMES, sizes)}

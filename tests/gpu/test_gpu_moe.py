@@ -10,7 +10,10 @@ HF in float32 (the same checkpoint, exact routing), and the backend must be as c
   and 90th-percentile |log-probability - float32's| at most 2x the bf16 reference's, plus 0.01;
 * generation (decode steps with CUDA graphs): the prompts on which ``check_logprobs_close``'s rule against
   float32 fails, at most one more than for the bf16 reference;
-* every block's experts are one vLLM ``FusedMoE`` running vLLM's Triton kernel.
+* every block's experts are one vLLM ``FusedMoE`` running vLLM's Triton kernel;
+* a checkpoint of the same weights in transformers 5's packed layout gives the per-expert one's tokens and
+  log-probabilities (its logic checked on the CPU engine with ``VLLM_TRANSFORMERS_BACKEND_MOE=fused``, four
+  architectures on 4.57.6, and that a packed checkpoint of other weights fails it).
 
 The bf16 reference is HF ``generate`` for every MoE architecture (Mixtral, Qwen3-MoE, and Qwen2-MoE and OLMoE,
 whose attention on 4.x runs the routed SDPA classes of legacy_attention.py and on 5.x the interface), and native vLLM 0.6.2 (its own ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM``,
@@ -61,10 +64,11 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-moe")
     cache: Dict[str, object] = {}
 
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = build_moe_checkpoint(arch, root / arch, **SHAPES[arch])
-        return cache[arch]
+    def get(arch: str, packed: bool = False):
+        key = f"{arch}-packed" if packed else arch
+        if key not in cache:  # the same seed: the packed checkpoint holds the per-expert one's weights
+            cache[key] = build_moe_checkpoint(arch, root / key, packed=packed, **SHAPES[arch])
+        return cache[key]
 
     return get
 
@@ -124,6 +128,22 @@ def assert_as_close_to_fp32(reference: Reference, name: str, outputs: List[Outpu
     for key in ("median", "p90"):
         assert gap[key] <= 2 * ref_gap[key] + 0.01, f"backend {key} {gap[key]:.4f} vs {name} {ref_gap[key]:.4f}"
     assert len(departures) <= len(ref_departures) + 1, "\n".join(departures)
+
+
+@pytest.mark.parametrize("arch", sorted(SHAPES))
+def test_fused_moe_loads_packed_experts_as_per_expert(arch, checkpoints, engines):
+    """transformers 5's packed experts (``experts.gate_up_proj``/``down_proj``) and the per-expert tensors of
+    the same weights fill the same ``FusedMoE`` weights: the same greedy tokens and log-probabilities."""
+    _require(arch)
+    per_expert = engines(arch, "transformers")
+    packed = run_engine(checkpoints(arch, packed=True), "transformers", False, PROMPTS, MAX_TOKENS, max_model_len=512)
+    assert "fused_moe" in packed.speed_paths, packed.speed_paths
+    assert packed.parameter_bytes == per_expert.parameter_bytes
+    for i, ((tokens_a, lps_a), (tokens_b, lps_b)) in enumerate(zip(per_expert.outputs, packed.outputs)):
+        assert tokens_a == tokens_b, f"prompt {i}: per-expert {tokens_a} vs packed {tokens_b}"
+        for step, (a, b) in enumerate(zip(lps_a, lps_b)):
+            token = tokens_a[step]
+            assert abs(a[token].logprob - b[token].logprob) <= 1e-3, f"prompt {i} step {step}"
 
 
 def _fmt(gap: Dict[str, float]) -> str:

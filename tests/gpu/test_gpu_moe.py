@@ -13,7 +13,7 @@ HF in float32 (the same checkpoint, exact routing), and the backend must be as c
 * every block's experts are one vLLM ``FusedMoE`` running vLLM's Triton kernel;
 * a checkpoint of the same weights in transformers 5's packed layout gives the per-expert one's tokens and
   log-probabilities (its logic checked on the CPU engine with ``VLLM_TRANSFORMERS_BACKEND_MOE=fused``, four
-  architectures on 4.57.6, and that a packed checkpoint of other weights fails it).
+  architectures on 4.57.6 and 5.13.1, and that a packed checkpoint of other weights fails it).
 
 The bf16 reference is HF ``generate`` for every MoE architecture (Mixtral, Qwen3-MoE, and Qwen2-MoE and OLMoE,
 whose attention on 4.x runs the routed SDPA classes of legacy_attention.py and on 5.x the interface), and native vLLM 0.6.2 (its own ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM``,

@@ -112,11 +112,13 @@ ROUND_PHASES = ("schedule", "prepare", "forward", "logits", "sample", "process",
 
 def decode_host_stats(rounds: List[Dict[str, Any]], target: float) -> Dict[str, Any]:
     """Host time of decode steps, paired by round: the ratio of the engines' host time (wall - device wait;
-    native / backend as for throughput) and, per phase, the median of backend - native in ms per step with its
-    95% interval. Rounds pair identical batches run back to back, so these resolve host differences that the
+    native / backend as for throughput), the same ratio of each round's median step (``host_step_ratio``: what a
+    typical step costs, robust to a round's one slow step) and, per phase, the median of backend - native in ms
+    per step with its 95% interval. Rounds pair identical batches run back to back, so these resolve host differences that the
     medians of each engine's steps (taken over different moments) cannot."""
     decode = [r for r in rounds if r["native"].get("kinds") == ["decode"] and r["backend"].get("kinds") == ["decode"]]
-    out: Dict[str, Any] = {"host_ratio": ratio_stats(decode, target, "host"), "phase_ms_per_step": {}}
+    out: Dict[str, Any] = {"host_ratio": ratio_stats(decode, target, "host"),
+                           "host_step_ratio": ratio_stats(decode, target, "host_step"), "phase_ms_per_step": {}}
     for phase in ROUND_PHASES:
         key = f"{phase}_s"
         deltas = [1e3 * (r["backend"][key] - r["native"][key]) / r["native"]["steps"]
@@ -270,6 +272,8 @@ def _round_entry(reply: Dict[str, Any]) -> Dict[str, Any]:
         values = [s[key] for s in steps if s.get(key) is not None]
         if values:
             entry[f"{key}_s"] = sum(values)
+            if key == "host":  # one slow step (a stray thread, a page fault) moves the sum, not the median
+                entry["host_step_s"] = statistics.median(values)
     return entry
 
 
@@ -674,13 +678,15 @@ def report(inv: Dict[str, Any], target: float) -> str:
         shown = ("schedule", "prepare", "forward", "logits", "sample", "process", "other", "device_forward")
         lines += ["", "Decode steps paired by round: host time (wall - device wait) native / backend (above 1: the "
                   "backend's host is faster), and per phase backend - native, ms per step, median [95% CI]:", "",
-                  "| workload | rounds | host ratio [95% CI] | " + " | ".join(shown) + " |",
-                  "|---|---:|---|" + "---|" * len(shown)]
+                  "| workload | rounds | host ratio [95% CI] | median step's [95% CI] | " + " | ".join(shown) + " |",
+                  "|---|---:|---|---|" + "---|" * len(shown)]
         for name, h in hosts:
             hr, deltas = h["host_ratio"], h["phase_ms_per_step"]
+            step = h.get("host_step_ratio") or {}
             cells = [f"{deltas[k]['delta']:+.3f} [{deltas[k]['interval'][0]:+.2f}, {deltas[k]['interval'][1]:+.2f}]"
                      if k in deltas else "-" for k in shown]
-            lines.append(f"| {name} | {hr['rounds']} | {_fmt_ratio(hr['median'], hr['interval'])} | "
+            step_cell = _fmt_ratio(step["median"], step.get("interval")) if step.get("rounds") else "-"
+            lines.append(f"| {name} | {hr['rounds']} | {_fmt_ratio(hr['median'], hr['interval'])} | {step_cell} | "
                          + " | ".join(cells) + " |")
     starts = inv.get("start_stats") or {}
     if starts.get("pairs"):

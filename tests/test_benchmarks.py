@@ -67,6 +67,29 @@ def test_decode_host_stats_pair_rounds_and_place_the_difference_in_a_phase():
     assert sample["interval"][0] <= 0 <= sample["interval"][1]
 
 
+def test_median_step_host_ratio_keeps_a_rounds_slow_step_out():
+    """Equal engines; in most rounds one of the backend's ten steps stalls for up to 20 steps' time (a stray
+    thread): the ratio of round sums reads a slower backend, the ratio of each round's median step still says 1
+    and resolves. The round entry keeps that median."""
+    rng = random.Random(2)
+    rounds = []
+    for i in range(60):
+        drift = rng.uniform(0.8, 1.25)
+        native_steps = [0.002 * drift * rng.uniform(0.99, 1.01) for _ in range(10)]
+        backend_steps = [0.002 * drift * rng.uniform(0.99, 1.01) for _ in range(10)]
+        if i % 4:
+            backend_steps[rng.randrange(10)] += rng.uniform(0.002, 0.04) * drift
+        entries = [interleaved._round_entry({"wall_s": sum(st), "cpu_s": sum(st), "steps": [
+            {"kind": "decode", "host": h, "prepare": h} for h in st]}) for st in (native_steps, backend_steps)]
+        rounds.append({"order": "native first" if i % 2 else "backend first", "native": entries[0],
+                       "backend": entries[1]})
+    assert rounds[1]["backend"]["host_step_s"] < rounds[1]["backend"]["host_s"] / 9
+    stats = interleaved.decode_host_stats(rounds, target=0.03)
+    summed, step = stats["host_ratio"], stats["host_step_ratio"]
+    assert step["rounds"] == 60 and abs(step["median"] - 1) < 0.01 and step["resolved"]
+    assert summed["median"] < 0.9 and summed["interval"][1] < 0.95
+
+
 def test_start_stats_weigh_both_orders_alike():
     """Whichever engine starts second takes 1.2x longer; the backend itself 1.05x. Three pairs with the backend
     second and one with it first: the plain median is the order's, the order-balanced estimate the engine's."""
@@ -121,6 +144,9 @@ def test_smoke_run_end_to_end(checkpoints, tmp_path):
         assert all(v > 0 for v in result["ttft_s"].values())
         host = result["decode_host"]  # decode rounds paired: host ratio and per-phase differences
         assert host["host_ratio"]["rounds"] >= 1 and host["host_ratio"]["median"] > 0
+        assert host["host_step_ratio"]["rounds"] == host["host_ratio"]["rounds"]
+        assert all(0 < r[side]["host_step_s"] <= r[side]["host_s"] for r in result["rounds"]
+                   for side in ("native", "backend") if r[side].get("kinds") == ["decode"])
         if host["host_ratio"]["rounds"] >= 4:
             assert {"prepare", "forward", "sample", "host"} <= set(host["phase_ms_per_step"])
     profiles = {(p["impl"], p["label"]): p for p in inv["profiles"]}

@@ -11,3 +11,6 @@ if [ -d /tmp/smolparts ] && [ ! -d /tmp/smol-bf16 ]; then cat /tmp/smolparts/smo
 export VLLM_TRANSFORMERS_BACKEND_STRICT=1
 # Ray (for the Ray-executor test), where a Ray site was unpacked to /tmp/raysite; last on the path.
 if [ -d /tmp/raysite ]; then export PYTHONPATH=$PYTHONPATH:/tmp/raysite; fi
+# The host's torchaudio is built for its own torch (2.11): transformers 5 imports it when it is found and fails
+# with an undefined symbol under torch 2.4, so it is made unfindable (find_spec returns None) in every process.
+echo "import sys; sys.modules.setdefault('torchaudio', None)" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_vtb_no_torchaudio.pth"

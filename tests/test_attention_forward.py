@@ -111,6 +111,30 @@ def test_probe_runs_narrow_and_retries_at_the_real_widths_only_where_the_forward
     assert len(widths) == 2
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("where", ["meta", "bfloat16"])
+def test_probe_names_the_query_key_norms_wherever_they_sit(arch, where):
+    """On a GPU the probe's CPU float32 tensors meet query/key norms that sit on the device in the model's
+    dtype; the verdict must still be the extra step, not a device or dtype error (meta stands for the device
+    here), and the module's own norms are left where they were."""
+    require_architecture(arch)
+    module = _attention_module(arch)
+    on_cpu = _problem(module)
+    assert on_cpu == "its forward is not o_proj(attention(rotate(q), rotate(k), v))"
+    if where == "meta":
+        module.q_norm.to("meta"), module.k_norm.to("meta")
+    else:
+        module.q_norm.to(torch.bfloat16), module.k_norm.to(torch.bfloat16)
+    assert _problem(module) == on_cpu
+    assert module.q_norm.weight.is_meta if where == "meta" else module.q_norm.weight.dtype == torch.bfloat16
+
+
+def test_probe_still_accepts_a_standard_attention_with_an_unused_child_on_meta():
+    module = _attention_module("llama")
+    module.unused = torch.nn.Linear(8, 8, device="meta")
+    assert _problem(module) is None
+
+
 def test_probe_refuses_a_scale_other_than_the_scaling_attribute():
     from transformers.models.llama.modeling_llama import LlamaAttention
 

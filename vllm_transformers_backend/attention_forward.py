@@ -15,7 +15,8 @@ operators per eager prefill step against native vLLM's 1127).
 
 A module qualifies when its q/k/v are one fused ``qkv_proj`` (the ``projections`` pass), its modeling
 module rotates through vLLM's kernel (the ``rotary`` pass), and its class's forward, run once on the CPU in
-float32 with stand-in projections and a recording attention, computes exactly
+float32 with stand-in projections, a recording attention and CPU float32 copies of any other modules it has
+that sit on a device or in another dtype (so a GPU model's verdict is the CPU one), computes exactly
 ``o_proj(attention(rotate(q(x)), rotate(k(x)), v(x)))``, at input magnitudes from 0.01 to 30 (clamps
 and rescalings show), for one token and several, and passes its ``scaling`` attribute as the softmax
 scale. Query/key norms, partial or interleaved rotations, scaled queries, clipped projections and cross
@@ -181,7 +182,9 @@ def _probe(module: nn.Module, sizes: Sequence[int], head_dim: int, hidden: int, 
     o_proj = linear(sizes[0], out_size, o_bias)
     probe = copy.copy(module)  # own __dict__; the children dict is replaced, never written through
     probe.__dict__.pop("forward", None)
-    probe._modules = {**module._modules, **projections, "o_proj": o_proj}
+    others = {name: _on_cpu(child, gen) for name, child in module._modules.items()
+              if child is not None and name not in projections and name != "o_proj"}
+    probe._modules = {**module._modules, **others, **projections, "o_proj": o_proj}
     forward = type(module).forward
     for scale_x in _PROBE_SCALES:
         for tokens in _PROBE_TOKENS:
@@ -210,6 +213,30 @@ def _probe(module: nn.Module, sizes: Sequence[int], head_dim: int, hidden: int, 
                        for t, w in zip((got_q, got_k, got_v, out[0]), want)):
                 return "its forward is not o_proj(attention(rotate(q), rotate(k), v))"
     return None
+
+
+def _on_cpu(child: nn.Module, gen: torch.Generator) -> nn.Module:
+    """``child`` as the probe runs it: itself where its tensors are CPU float32 already, else a CPU float32 copy.
+
+    On a GPU the probe runs while the layer's other modules (query/key norms, say) sit on the device in the
+    model's dtype, so their forward would fail on the probe's CPU tensors and the verdict would name a device
+    error instead of the step they add. A copy of tensors still on meta gets drawn parameters (near 1, as a
+    norm's weight) and zero buffers: the probe asks whether the module's forward is the standard formula, which
+    no values of an extra step's weights make it.
+    """
+    tensors = list(child.parameters()) + list(child.buffers())
+    if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+        return child
+    meta = any(t.is_meta for t in tensors)
+    copied = copy.deepcopy(child)
+    copied = copied.to_empty(device="cpu") if meta else copied.to("cpu")
+    copied = copied.float()
+    if meta:
+        for param in copied.parameters():
+            param.data = 1.0 + 0.1 * torch.randn(param.shape, generator=gen)
+        for buf in copied.buffers():
+            buf.zero_()
+    return copied
 
 
 def _formula(x: torch.Tensor, projections: Dict[str, nn.Linear], o_proj: nn.Linear, cos: torch.Tensor,

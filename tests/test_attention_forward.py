@@ -129,10 +129,26 @@ def test_probe_names_the_query_key_norms_wherever_they_sit(arch, where):
     assert module.q_norm.weight.is_meta if where == "meta" else module.q_norm.weight.dtype == torch.bfloat16
 
 
-def test_probe_still_accepts_a_standard_attention_with_an_unused_child_on_meta():
+def test_probe_still_accepts_a_standard_attention_with_an_unused_child_on_meta(monkeypatch):
+    """Other modules the forward never calls (the fused ``qkv_proj``) may sit anywhere; only small ones are
+    copied to the CPU, so a GPU layer's fused projection is never copied."""
+    from vllm_transformers_backend import attention_forward
+
     module = _attention_module("llama")
     module.unused = torch.nn.Linear(8, 8, device="meta")
+    module.large = torch.nn.Linear(1024, 1025, bias=False, device="meta")
+    copied = []
+    on_cpu = attention_forward._on_cpu
+
+    def recording(child, gen):
+        out = on_cpu(child, gen)
+        if out is not child:
+            copied.append(child)
+        return out
+
+    monkeypatch.setattr(attention_forward, "_on_cpu", recording)
     assert _problem(module) is None
+    assert copied and all(child is module.unused for child in copied)
 
 
 def test_probe_refuses_a_scale_other_than_the_scaling_attribute():
@@ -178,6 +194,32 @@ def test_engine_runs_the_lean_forward_and_generates_hf_tokens(arch, checkpoints,
         assert (not calls) == (arch in LEAN), f"{arch}: HF's forward ran {len(calls)} times"
         report = next(r for r in backend_model(llm).speed_passes if r.name == "attention_forward")
         assert report.replaced == (len(modules) if arch in LEAN else 0), report.line()
+
+
+def test_probe_of_an_engine_layer_in_another_dtype_copies_none_of_its_projections(checkpoints, monkeypatch):
+    """An engine's attention layer as the probe meets it on a GPU (here: bfloat16 on the CPU engine): its fused
+    ``qkv_proj`` and ``o_proj`` are never copied (the stand-ins replace them), and it still qualifies."""
+    from vllm_transformers_backend import attention_forward
+
+    copied = []
+    on_cpu = attention_forward._on_cpu
+
+    def recording(child, gen):
+        out = on_cpu(child, gen)
+        if out is not child:
+            copied.append(child)
+        return out
+
+    with Engine(checkpoints("llama"), "transformers") as llm:
+        module = _attention_modules(llm)[0]
+        assert "qkv_proj" in module._modules
+        module.to(torch.bfloat16)
+        monkeypatch.setattr(attention_forward, "_on_cpu", recording)
+        group = attention_forward._qkv_group(module)
+        problem = standard_attention_problem(module, group.sizes, module.head_dim, module.q_proj.input_size,
+                                             module.o_proj.output_size, module.q_proj.has_bias, False)
+    assert problem is None
+    assert copied == []
 
 
 def test_switched_off_and_live_access_restore_hf_forward(checkpoints, monkeypatch):

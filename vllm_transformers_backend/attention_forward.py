@@ -121,6 +121,9 @@ _PROBE_TOKENS = (1, 5)
 #: the layer's own: at an 8B model's real widths (4096 in and out) drawing the stand-ins and running them made
 #: the probe ~1 s of the engine start; a forward that needs its real widths is probed again at them.
 _PROBE_HIDDEN, _PROBE_OUT = 24, 40
+#: Largest other module (elements) the probe copies to the CPU: norms and gates are vectors; a large one (the
+#: fused ``qkv_proj`` is skipped by name of its slices anyway: an 8B layer's is 25M elements) stays where it is.
+_PROBE_COPY_LIMIT = 1 << 20
 
 
 class _Recorder:
@@ -182,8 +185,9 @@ def _probe(module: nn.Module, sizes: Sequence[int], head_dim: int, hidden: int, 
     o_proj = linear(sizes[0], out_size, o_bias)
     probe = copy.copy(module)  # own __dict__; the children dict is replaced, never written through
     probe.__dict__.pop("forward", None)
+    fused = {id(getattr(module._modules.get(name), "fused_layer", None)) for name in QKV_NAMES}
     others = {name: _on_cpu(child, gen) for name, child in module._modules.items()
-              if child is not None and name not in projections and name != "o_proj"}
+              if child is not None and name not in projections and name != "o_proj" and id(child) not in fused}
     probe._modules = {**module._modules, **others, **projections, "o_proj": o_proj}
     forward = type(module).forward
     for scale_x in _PROBE_SCALES:
@@ -227,10 +231,15 @@ def _on_cpu(child: nn.Module, gen: torch.Generator) -> nn.Module:
     tensors = list(child.parameters()) + list(child.buffers())
     if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
         return child
+    if sum(t.numel() for t in tensors) > _PROBE_COPY_LIMIT:
+        return child
     meta = any(t.is_meta for t in tensors)
-    copied = copy.deepcopy(child)
-    copied = copied.to_empty(device="cpu") if meta else copied.to("cpu")
-    copied = copied.float()
+    try:
+        copied = copy.deepcopy(child)
+        copied = copied.to_empty(device="cpu") if meta else copied.to("cpu")
+        copied = copied.float()
+    except Exception:  # a module that does not copy (custom tensors): probed where it is, as before
+        return child
     if meta:
         for param in copied.parameters():
             param.data = 1.0 + 0.1 * torch.randn(param.shape, generator=gen)

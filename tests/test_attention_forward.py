@@ -111,6 +111,23 @@ def test_probe_runs_narrow_and_retries_at_the_real_widths_only_where_the_forward
     assert len(widths) == 2
 
 
+def _record_copies(monkeypatch) -> list:
+    """The modules the probe copies to the CPU from now on (``attention_forward._on_cpu`` wrapped)."""
+    from vllm_transformers_backend import attention_forward
+
+    copied = []
+    on_cpu = attention_forward._on_cpu
+
+    def recording(child, gen):
+        out = on_cpu(child, gen)
+        if out is not child:
+            copied.append(child)
+        return out
+
+    monkeypatch.setattr(attention_forward, "_on_cpu", recording)
+    return copied
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "olmo2"])
 @pytest.mark.parametrize("where", ["meta", "bfloat16"])
 def test_probe_names_the_query_key_norms_wherever_they_sit(arch, where):
@@ -130,23 +147,12 @@ def test_probe_names_the_query_key_norms_wherever_they_sit(arch, where):
 
 
 def test_probe_still_accepts_a_standard_attention_with_an_unused_child_on_meta(monkeypatch):
-    """Other modules the forward never calls (the fused ``qkv_proj``) may sit anywhere; only small ones are
-    copied to the CPU, so a GPU layer's fused projection is never copied."""
-    from vllm_transformers_backend import attention_forward
-
+    """Other modules the forward never calls may sit anywhere; only small ones are copied to the CPU (a large
+    one stays where it is)."""
     module = _attention_module("llama")
     module.unused = torch.nn.Linear(8, 8, device="meta")
     module.large = torch.nn.Linear(1024, 1025, bias=False, device="meta")
-    copied = []
-    on_cpu = attention_forward._on_cpu
-
-    def recording(child, gen):
-        out = on_cpu(child, gen)
-        if out is not child:
-            copied.append(child)
-        return out
-
-    monkeypatch.setattr(attention_forward, "_on_cpu", recording)
+    copied = _record_copies(monkeypatch)
     assert _problem(module) is None
     assert copied and all(child is module.unused for child in copied)
 
@@ -201,20 +207,11 @@ def test_probe_of_an_engine_layer_in_another_dtype_copies_none_of_its_projection
     ``qkv_proj`` and ``o_proj`` are never copied (the stand-ins replace them), and it still qualifies."""
     from vllm_transformers_backend import attention_forward
 
-    copied = []
-    on_cpu = attention_forward._on_cpu
-
-    def recording(child, gen):
-        out = on_cpu(child, gen)
-        if out is not child:
-            copied.append(child)
-        return out
-
     with Engine(checkpoints("llama"), "transformers") as llm:
         module = _attention_modules(llm)[0]
         assert "qkv_proj" in module._modules
         module.to(torch.bfloat16)
-        monkeypatch.setattr(attention_forward, "_on_cpu", recording)
+        copied = _record_copies(monkeypatch)
         group = attention_forward._qkv_group(module)
         problem = standard_attention_problem(module, group.sizes, module.head_dim, module.q_proj.input_size,
                                              module.o_proj.output_size, module.q_proj.has_bias, False)

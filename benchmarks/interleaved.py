@@ -54,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_report  # noqa: E402
-from bench_specs import MODELS, ROUND_WORKLOADS, Workload, checkpoint_ready  # noqa: E402
+from bench_specs import DEFAULT_ROUND_WORKLOADS, MODELS, ROUND_WORKLOADS, Workload, checkpoint_ready  # noqa: E402
 
 IMPLS = ("vllm", "transformers")  # native, backend
 LABEL = {"vllm": "native", "transformers": "backend"}
@@ -758,7 +758,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--table", default=None, choices=sorted(ROUND_WORKLOADS),
                    help="workload sizes (default: the device's; smoke with --smoke)")
-    p.add_argument("--workloads", default=None, help="comma-separated names from the table (default: all)")
+    p.add_argument("--workloads", default=None, help="comma-separated names from the table (default: all but decode1024)")
     p.add_argument("--smoke", action="store_true", help="every code path in seconds: smoke table, 4+ rounds")
     p.add_argument("--budget-s", type=float, default=None, help="end (with results saved) within this many seconds")
     p.add_argument("--reserve-s", type=float, default=None, help="kept for profiles and shut-down (default: 45 s on "
@@ -812,7 +812,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.round_s = 0.3 if args.device == "cuda" else 1.0
     if args.reserve_s is None:
         args.reserve_s = 45.0 if (args.profile and args.device == "cuda") else 15.0
-    names = args.workloads.split(",") if args.workloads else list(ROUND_WORKLOADS[args.table])
+    names = args.workloads.split(",") if args.workloads else list(DEFAULT_ROUND_WORKLOADS[args.table])
     unknown = [n for n in names if n not in ROUND_WORKLOADS[args.table]]
     if unknown:
         p.error(f"unknown workloads {unknown} for table {args.table} ({', '.join(ROUND_WORKLOADS[args.table])})")

@@ -118,8 +118,8 @@ def _record_copies(monkeypatch) -> list:
     copied = []
     on_cpu = attention_forward._on_cpu
 
-    def recording(child, gen):
-        out = on_cpu(child, gen)
+    def recording(child):
+        out = on_cpu(child)
         if out is not child:
             copied.append(child)
         return out
@@ -129,32 +129,56 @@ def _record_copies(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "olmo2"])
-@pytest.mark.parametrize("where", ["meta", "bfloat16"])
-def test_probe_names_the_query_key_norms_wherever_they_sit(arch, where):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_probe_names_the_query_key_norms_wherever_they_sit(arch, dtype):
     """On a GPU the probe's CPU float32 tensors meet query/key norms that sit on the device in the model's
-    dtype; the verdict must still be the extra step, not a device or dtype error (meta stands for the device
-    here), and the module's own norms are left where they were."""
+    dtype; the verdict must still be the extra step, not a device or dtype error (another dtype stands for the
+    device here: float64 norms make HF's forward fail on float32 stand-ins), and the module's own norms are left
+    as they were."""
     require_architecture(arch)
     module = _attention_module(arch)
     on_cpu = _problem(module)
     assert on_cpu == "its forward is not o_proj(attention(rotate(q), rotate(k), v))"
-    if where == "meta":
-        module.q_norm.to("meta"), module.k_norm.to("meta")
-    else:
-        module.q_norm.to(torch.bfloat16), module.k_norm.to(torch.bfloat16)
+    module.q_norm.to(dtype), module.k_norm.to(dtype)
     assert _problem(module) == on_cpu
-    assert module.q_norm.weight.is_meta if where == "meta" else module.q_norm.weight.dtype == torch.bfloat16
+    assert module.q_norm.weight.dtype == dtype
 
 
-def test_probe_still_accepts_a_standard_attention_with_an_unused_child_on_meta(monkeypatch):
-    """Other modules the forward never calls may sit anywhere; only small ones are copied to the CPU (a large
-    one stays where it is)."""
+def test_probe_copies_small_modules_only_and_leaves_meta_ones(monkeypatch):
+    """Other modules the forward never calls may sit anywhere: only small materialized ones are copied to the
+    CPU (a large one, or one still on meta, stays where it is), and a standard attention still qualifies."""
     module = _attention_module("llama")
-    module.unused = torch.nn.Linear(8, 8, device="meta")
+    module.unused = torch.nn.Linear(8, 8, dtype=torch.float64)
     module.large = torch.nn.Linear(1024, 1025, bias=False, device="meta")
+    module.large64 = torch.nn.Linear(1024, 1025, bias=False, dtype=torch.float64)
+    module.unmade = torch.nn.Linear(8, 8, device="meta")
     copied = _record_copies(monkeypatch)
     assert _problem(module) is None
     assert copied and all(child is module.unused for child in copied)
+
+
+def test_probe_does_not_copy_a_meta_module_into_a_no_op():
+    """An extra step whose tensors are still on meta (a bias added to the output) keeps HF's forward: the probe
+    does not make up values for it (zeros would hide the step)."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class WithBias(LlamaAttention):
+        def forward(self, hidden_states, *args, **kwargs):
+            out, weights = super().forward(hidden_states, *args, **kwargs)
+            return self.shift(out), weights
+
+    class Shift(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.register_buffer("bias", torch.zeros(width, device="meta"))
+
+        def forward(self, x):
+            return x + self.bias
+
+    module = _attention_module("llama")
+    module.__class__ = WithBias
+    module.shift = Shift(module.o_proj.out_features)
+    assert _problem(module) is not None
 
 
 def test_probe_refuses_a_scale_other_than_the_scaling_attribute():

@@ -186,7 +186,7 @@ def _probe(module: nn.Module, sizes: Sequence[int], head_dim: int, hidden: int, 
     probe = copy.copy(module)  # own __dict__; the children dict is replaced, never written through
     probe.__dict__.pop("forward", None)
     fused = {id(getattr(module._modules.get(name), "fused_layer", None)) for name in QKV_NAMES}
-    others = {name: _on_cpu(child, gen) for name, child in module._modules.items()
+    others = {name: _on_cpu(child) for name, child in module._modules.items()
               if child is not None and name not in projections and name != "o_proj" and id(child) not in fused}
     probe._modules = {**module._modules, **others, **projections, "o_proj": o_proj}
     forward = type(module).forward
@@ -219,33 +219,23 @@ def _probe(module: nn.Module, sizes: Sequence[int], head_dim: int, hidden: int, 
     return None
 
 
-def _on_cpu(child: nn.Module, gen: torch.Generator) -> nn.Module:
+def _on_cpu(child: nn.Module) -> nn.Module:
     """``child`` as the probe runs it: itself where its tensors are CPU float32 already, else a CPU float32 copy.
 
     On a GPU the probe runs while the layer's other modules (query/key norms, say) sit on the device in the
     model's dtype, so their forward would fail on the probe's CPU tensors and the verdict would name a device
-    error instead of the step they add. A copy of tensors still on meta gets drawn parameters (near 1, as a
-    norm's weight) and zero buffers: the probe asks whether the module's forward is the standard formula, which
-    no values of an extra step's weights make it.
+    error instead of the step they add. Modules with tensors still on meta are not copied: made-up values
+    could turn an extra step into a no-op (a zero bias) and let a forward pass that is not the standard one.
     """
     tensors = list(child.parameters()) + list(child.buffers())
     if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
         return child
-    if sum(t.numel() for t in tensors) > _PROBE_COPY_LIMIT:
+    if any(t.is_meta for t in tensors) or sum(t.numel() for t in tensors) > _PROBE_COPY_LIMIT:
         return child
-    meta = any(t.is_meta for t in tensors)
     try:
-        copied = copy.deepcopy(child)
-        copied = copied.to_empty(device="cpu") if meta else copied.to("cpu")
-        copied = copied.float()
+        return copy.deepcopy(child).to("cpu").float()
     except Exception:  # a module that does not copy (custom tensors): probed where it is, as before
         return child
-    if meta:
-        for param in copied.parameters():
-            param.data = 1.0 + 0.1 * torch.randn(param.shape, generator=gen)
-        for buf in copied.buffers():
-            buf.zero_()
-    return copied
 
 
 def _formula(x: torch.Tensor, projections: Dict[str, nn.Linear], o_proj: nn.Linear, cos: torch.Tensor,

@@ -137,3 +137,55 @@ def test_only_entry_points_import_the_patches():
     for line in ("from .patches import ensure_applied", "from vllm_transformers_backend.patches import apply_all",
                  "import vllm_transformers_backend.patches.cli", "from . import patches"):
         assert _imports_patches(line), line
+
+
+def _broken_torchaudio(root) -> str:
+    """A torchaudio 2.11.0 that fails to load as one built for another torch does (an undefined symbol)."""
+    package = root / "torchaudio"
+    package.mkdir()
+    failure = 'raise OSError("_torchaudio.abi3.so: undefined symbol: aoti_torch_abi_version")\n'
+    (package / "__init__.py").write_text(failure)
+    info = root / "torchaudio-2.11.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torchaudio\nVersion: 2.11.0\n")
+    return str(root)
+
+
+def test_a_companion_that_does_not_load_is_named_with_the_fix(tmp_path, monkeypatch):
+    """The start-up hook's message when vLLM's import dies inside torchaudio or torchvision (any transformers)."""
+    import importlib
+
+    from vllm_transformers_backend._startup import _broken_companion
+
+    monkeypatch.syspath_prepend(_broken_torchaudio(tmp_path))
+    monkeypatch.delitem(sys.modules, "torchaudio", raising=False)
+    with pytest.raises(OSError) as caught:
+        importlib.import_module("torchaudio")
+    message = _broken_companion(caught.value)
+    assert message is not None
+    for part in ("torchaudio 2.11.0 does not load with torch 2.4", "undefined symbol", "uninstall torchaudio",
+                 "torchaudio 2.4.0"):
+        assert part in message, message
+    try:
+        raise OSError("some other library")
+    except OSError as other:
+        assert _broken_companion(other) is None
+
+
+def test_vllm_import_with_a_torchaudio_for_another_torch(tmp_path):
+    """transformers 5 imports torchaudio from its loss functions, so from vLLM's own import: that fails with the
+    start-up hook's message naming the package and the fix. transformers 4.x does not import it there."""
+    import transformers
+    from packaging.version import Version
+
+    path = os.pathsep.join([_broken_torchaudio(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    result = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    if Version(transformers.__version__).major >= 5:
+        assert result.returncode != 0
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("ImportError: vLLM could not be imported: torchaudio 2.11.0 does not load"), last
+        assert "uninstall torchaudio" in last
+    else:
+        assert result.returncode == 0, result.stderr[-2000:]

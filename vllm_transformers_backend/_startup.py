@@ -22,6 +22,37 @@ def _apply_patches(origin: str) -> None:
     apply_all(origin=origin)
 
 
+#: torch's companion packages that transformers imports whenever they are installed (transformers 5 imports
+#: torchaudio from its loss functions, so from vLLM's own import); one built for another torch fails to load.
+_COMPANIONS = ("torchaudio", "torchvision")
+
+
+def _broken_companion(exc: BaseException) -> str | None:
+    """What to say when vLLM's import failed inside torchaudio or torchvision (None: it did not)."""
+    import traceback
+    from importlib import metadata
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    names = [name for name in _COMPANIONS
+             if any(f"/{name}/" in frame.filename.replace("\\", "/") for frame in frames)]
+    if not names:
+        return None
+    name = names[0]
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    torch_version = version("torch")
+    return (f"vLLM could not be imported: {name} {version(name)} does not load with torch {torch_version} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). transformers "
+            f"{version('transformers')} imports {name} whenever it is installed. Install the {name} built for "
+            f"torch {torch_version.split('+')[0]} (vLLM 0.6.2 pins torch 2.4.0: torchaudio 2.4.0, torchvision "
+            f"0.19.0) or uninstall {name}.")
+
+
 class _PatchAfterExec(importlib.abc.Loader):
     """Delegates to vLLM's own loader, then patches the freshly executed package."""
 
@@ -32,7 +63,13 @@ class _PatchAfterExec(importlib.abc.Loader):
         return self._inner.create_module(spec)
 
     def exec_module(self, module) -> None:
-        self._inner.exec_module(module)
+        try:
+            self._inner.exec_module(module)
+        except (ImportError, OSError, RuntimeError) as exc:
+            broken = _broken_companion(exc)
+            if broken is None:
+                raise
+            raise ImportError(broken) from exc
         _apply_patches("import hook")
 
     def __getattr__(self, name):

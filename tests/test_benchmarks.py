@@ -175,6 +175,7 @@ def test_interleaved_control_runs_native_in_both_slots(tmp_path, checkpoints):
     assert [p["first"] for p in pairs] == ["vllm", "transformers"] and [p["main"] for p in pairs] == [True, False]
     assert all(p[i]["start_s"] > 0 and "load_model" in p[i]["start_phases"] for p in pairs for i in ("vllm", "transformers"))
     assert inv["start_stats"]["pairs"] == 2 and "order_balanced" in inv["start_stats"]
+    assert pairs[1]["pair_s"] > max(pairs[1][i]["start_s"] for i in ("vllm", "transformers"))  # sizes later pairs
     assert "Engine start over 2 pairs" in proc.stdout
 
 

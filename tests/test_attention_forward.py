@@ -144,6 +144,30 @@ def test_probe_names_the_query_key_norms_wherever_they_sit(arch, dtype):
     assert module.q_norm.weight.dtype == dtype
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "olmo2"])
+def test_probe_runs_vllm_norms_of_a_gpu_layer_in_their_pytorch_form(arch):
+    """On a GPU the ``rms_norm`` pass has made the query/key norms vLLM's, whose kernel (chosen at build) is
+    the device's and does not run on the probe's CPU tensors (a kernel that raises stands for it here, the
+    norms in bfloat16 as the model's dtype): the CPU copies run vLLM's PyTorch form and the verdict is the
+    CPU one."""
+    from vllm_transformers_backend.layers import HFRMSNorm
+
+    def device_kernel(*args):
+        raise NotImplementedError("Could not run '_C::rms_norm' with arguments from the 'CPU' backend")
+
+    require_architecture(arch)
+    module = _attention_module(arch)
+    on_cpu = _problem(module)
+    for name in ("q_norm", "k_norm"):
+        hf = getattr(module, name)
+        norm = HFRMSNorm(hf.weight.shape[0], eps=hf.variance_epsilon)
+        norm.weight.data.copy_(hf.weight.data)
+        norm._forward_method = device_kernel
+        setattr(module, name, norm.to(torch.bfloat16))
+    assert _problem(module) == on_cpu
+    assert module.q_norm._forward_method is device_kernel
+
+
 def test_probe_copies_small_modules_only_and_leaves_meta_ones(monkeypatch):
     """Other modules the forward never calls may sit anywhere: only small materialized ones are copied to the
     CPU (a large one, or one still on meta, stays where it is), and a standard attention still qualifies."""

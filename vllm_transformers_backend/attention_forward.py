@@ -224,7 +224,8 @@ def _on_cpu(child: nn.Module) -> nn.Module:
 
     On a GPU the probe runs while the layer's other modules (query/key norms, say) sit on the device in the
     model's dtype, so their forward would fail on the probe's CPU tensors and the verdict would name a device
-    error instead of the step they add. Modules with tensors still on meta are not copied: made-up values
+    error instead of the step they add. vLLM ops in the copy (a norm the ``rms_norm`` pass made vLLM's) run
+    their PyTorch form: the kernel they chose at build is the device's. Modules with tensors still on meta are not copied: made-up values
     could turn an extra step into a no-op (a zero bias) and let a forward pass that is not the standard one.
     """
     tensors = list(child.parameters()) + list(child.buffers())
@@ -233,9 +234,13 @@ def _on_cpu(child: nn.Module) -> nn.Module:
     if any(t.is_meta for t in tensors) or sum(t.numel() for t in tensors) > _PROBE_COPY_LIMIT:
         return child
     try:
-        return copy.deepcopy(child).to("cpu").float()
+        copied = copy.deepcopy(child).to("cpu").float()
     except Exception:  # a module that does not copy (custom tensors): probed where it is, as before
         return child
+    for op in copied.modules():  # vLLM ops (the rms_norm pass's norms) chose their device's kernel at build
+        if hasattr(op, "_forward_method") and callable(getattr(op, "forward_native", None)):
+            op._forward_method = op.forward_native
+    return copied
 
 
 def _formula(x: torch.Tensor, projections: Dict[str, nn.Linear], o_proj: nn.Linear, cos: torch.Tensor,

@@ -117,3 +117,43 @@ def test_a_body_doing_more_is_caught_by_the_first_forward(checkpoints, monkeypat
         assert lean is not None and lean.state == "off", lean and lean.state
         assert CHECK_REFUSES["gemma"] in lean.problem and CHECK_REFUSES["gemma"] in _report(llm).line()
         assert len(calls) > 1  # HF's (modified) body kept running
+
+
+@pytest.mark.parametrize("body", ["plain", "doing more"])
+def test_the_first_forward_returns_hf_output_on_the_device_either_way(body, checkpoints, monkeypatch):
+    """The check gets HF's output off the device (the first forward is vLLM's memory profile) and returns the
+    forward's output on the device: the lean one where it equals HF's, else HF's own, exactly."""
+    import torch
+    import transformers
+
+    from vllm_transformers_backend import body_forward
+
+    monkeypatch.delenv(BODY_ENV, raising=False)
+    if body == "doing more":
+        original = transformers.LlamaModel.forward
+
+        def more(self, *args, **kwargs):  # as in the test above: an affine step after the final norm
+            out = original(self, *args, **kwargs)
+            if isinstance(out, tuple):
+                return (out[0] * 1.5 + 0.25,) + tuple(out[1:])
+            out.last_hidden_state = out.last_hidden_state * 1.5 + 0.25
+            return out
+
+        monkeypatch.setattr(transformers.LlamaModel, "forward", more)
+    checks = []
+    check = body_forward.LeanBody.check
+
+    def recording(self, make_context, input_ids, positions, hf_hidden, device):
+        out = check(self, make_context, input_ids, positions, hf_hidden, device)
+        checks.append((hf_hidden.clone(), out, device, self.state))
+        return out
+
+    monkeypatch.setattr(body_forward.LeanBody, "check", recording)
+    path = checkpoints("llama")
+    expected = hf_greedy(path, PROMPTS, 4)
+    with Engine(path, "transformers") as llm:  # the CPU engine has no profiling run: the first forward is this
+        assert vllm_greedy(llm, PROMPTS, 4) == expected
+    (reference, out, device, state), = checks
+    assert reference.device.type == "cpu"
+    assert state == ("on" if body == "plain" else "off")
+    assert out.device == device and torch.equal(out.cpu(), reference)

@@ -126,8 +126,8 @@ class LeanBody:
 
         ``hf_hidden`` is HF's output already copied off the device by the caller (on the CPU engine: itself).
         The first forward is vLLM's memory profile, whose peak sizes the KV cache: HF's output held on the device
-        while the lean forward runs raises that peak by its size (8B, 8192 tokens: 64 MiB); with it there, the
-        backend's 8B engine got 8521 KV blocks against native's 8575 (what moving it saves: not yet measured)."""
+        while the lean forward runs would add its size (tokens x hidden) to that peak where the peak falls in the
+        lean forward. (The backend's smaller KV cache on GPUs predates this pass; README, Performance.)"""
         from .attention import attention_context
 
         self._bind()

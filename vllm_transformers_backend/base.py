@@ -393,7 +393,8 @@ class Base(nn.Module):
             self._verify_dispatch(ctx.called)
         if lean is not None and lean.state == "pending":
             # HF's output leaves the device for the check (lean is only set without pipeline stages, so nothing
-            # below needs `outputs`): the check's lean forward then peaks as high as HF's, not higher.
+            # below needs `outputs`): this first forward is vLLM's memory profile, and the lean forward of the
+            # check should not peak higher by HF's output than the forwards that follow.
             device = outputs[0].device
             reference = outputs[0][0, ...].to("cpu")
             del outputs

@@ -111,6 +111,9 @@ class LeanBody:
             ops.rotary_embedding(step.positions, q, k, layer.head_dim, step.table, True)
             idx = layer.layer_idx
             attn_out = layer.o_proj(instances[idx](q, k, v, kv_caches[idx - start], metadata))
+            # q/k/v are views of the layer's whole qkv output: held through the MLP they raise the peak that
+            # vLLM's memory profile sizes the KV cache from (native vLLM frees them on leaving its attention)
+            del q, k, v
             if residual is None:
                 residual = hidden + attn_out
                 normed = layer.post_norm(residual)

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Dict, List
 
 #: (label, model_impl, extra environment): the backend with every speed pass, and with HF's body forward.
@@ -68,7 +69,7 @@ def main(argv: List[str] | None = None) -> int:
         return 0
     rows = []
     for label, impl, env in VARIANTS:
-        cmd = [sys.executable, __file__, "--impl", impl, *[a for a in (argv or sys.argv[1:])]]
+        cmd = [sys.executable, __file__, "--impl", impl, *(sys.argv[1:] if argv is None else argv)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=900)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
@@ -83,10 +84,10 @@ def main(argv: List[str] | None = None) -> int:
         print(f"| {row['variant']} | {row['peak_mib']:.2f} | {row['peak_mib'] - native:+.2f} | "
               f"{', '.join(str(s) for s in row['largest_at_peak_mib'])} |")
     if args.out:
-        data = json.load(open(args.out)) if os.path.exists(args.out) else []
+        out = Path(args.out)
+        data = json.loads(out.read_text()) if out.exists() else []
         data.append({"options": {k: v for k, v in vars(args).items() if k not in ("impl", "out")}, "rows": rows})
-        with open(args.out, "w") as handle:
-            json.dump(data, handle, indent=1)
+        out.write_text(json.dumps(data, indent=1))
     return 0
 
 

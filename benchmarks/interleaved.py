@@ -765,7 +765,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--table", default=None, choices=sorted(ROUND_WORKLOADS),
                    help="workload sizes (default: the device's; smoke with --smoke)")
-    p.add_argument("--workloads", default=None, help="comma-separated names from the table (default: all but decode1024)")
+    p.add_argument("--workloads", default=None,
+                   help="comma-separated names from the table (default: all but decode1024)")
     p.add_argument("--smoke", action="store_true", help="every code path in seconds: smoke table, 4+ rounds")
     p.add_argument("--budget-s", type=float, default=None, help="end (with results saved) within this many seconds")
     p.add_argument("--reserve-s", type=float, default=None, help="kept for profiles and shut-down (default: 45 s on "

@@ -32,12 +32,10 @@ def _broken_companion(exc: BaseException) -> str | None:
     import traceback
     from importlib import metadata
 
-    frames = traceback.extract_tb(exc.__traceback__)
-    names = [name for name in _COMPANIONS
-             if any(f"/{name}/" in frame.filename.replace("\\", "/") for frame in frames)]
-    if not names:
+    files = [frame.filename.replace("\\", "/") for frame in traceback.extract_tb(exc.__traceback__)]
+    name = next((name for name in _COMPANIONS if any(f"/{name}/" in file for file in files)), None)
+    if name is None:
         return None
-    name = names[0]
 
     def version(dist: str) -> str:
         try:

@@ -225,8 +225,9 @@ def _on_cpu(child: nn.Module) -> nn.Module:
     On a GPU the probe runs while the layer's other modules (query/key norms, say) sit on the device in the
     model's dtype, so their forward would fail on the probe's CPU tensors and the verdict would name a device
     error instead of the step they add. vLLM ops in the copy (a norm the ``rms_norm`` pass made vLLM's) run
-    their PyTorch form: the kernel they chose at build is the device's. Modules with tensors still on meta are not copied: made-up values
-    could turn an extra step into a no-op (a zero bias) and let a forward pass that is not the standard one.
+    their PyTorch form: the kernel they chose at build is the device's. Modules with tensors still on meta are
+    not copied: made-up values could turn an extra step into a no-op (a zero bias) and let a forward pass that
+    is not the standard one.
     """
     tensors = list(child.parameters()) + list(child.buffers())
     if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
@@ -237,9 +238,11 @@ def _on_cpu(child: nn.Module) -> nn.Module:
         copied = copy.deepcopy(child).to("cpu").float()
     except Exception:  # a module that does not copy (custom tensors): probed where it is, as before
         return child
+    from vllm.model_executor.custom_op import CustomOp
+
     for op in copied.modules():  # vLLM ops (the rms_norm pass's norms) chose their device's kernel at build
-        if hasattr(op, "_forward_method") and callable(getattr(op, "forward_native", None)):
-            op._forward_method = op.forward_native
+        if isinstance(op, CustomOp):
+            devices.use_native_forward(op)
     return copied
 
 

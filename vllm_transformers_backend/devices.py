@@ -138,6 +138,12 @@ def prefers_native_layer_forward(device: torch.device) -> bool:
     return True
 
 
+def use_native_forward(op: torch.nn.Module) -> None:
+    """Makes a vLLM CustomOp run its portable PyTorch forward (``forward_native``) from now on, whatever kernel
+    it dispatched to for its platform when it was built."""
+    op._forward_method = op.forward_native
+
+
 def runs_vllm_activation_kernels(device: torch.device) -> bool:
     """Whether vLLM's activation CustomOps (``act_and_mul``) should run their kernels here: not on the CPU,
     whose engine keeps HF's exact PyTorch math (tests compare with HF), nor where the native forward is

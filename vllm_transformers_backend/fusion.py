@@ -452,7 +452,7 @@ class GluFusion(SpeedPass):
         for mlp, verdict in accepted:
             act = SiluAndMul() if verdict.data == "silu" else GeluAndMul(approximate="tanh")
             if not use_kernels:
-                act._forward_method = act.forward_native
+                devices.use_native_forward(act)
             mlp.vllm_act_and_mul = act
             mlp.forward = types.MethodType(_glu_forward, mlp)
             replaced[type(mlp).__name__] = replaced.get(type(mlp).__name__, 0) + 1

@@ -313,7 +313,7 @@ def make_rms_norm(module: nn.Module, form: str, device: torch.device) -> nn.Modu
     # of whole 8-value vectors (they stop at the first step otherwise).
     if (form == "gemma" and device.type == "cpu") or devices.prefers_native_layer_forward(device) \
             or not kernels.norm_kernel_accepts(device, hidden):
-        norm._forward_method = norm.forward_native
+        devices.use_native_forward(norm)
     return norm
 
 

@@ -3,12 +3,15 @@ from (on GPUs the backend's engines got 0.25-1.1% fewer KV blocks than native's;
 
 Each engine runs in its own process; the torch profiler's memory timeline over one ``generate`` of one prompt
 (one prefill step) gives the live bytes of the tensors that step creates, their peak, and the largest tensors
-alive at that peak, which names what the backend holds that native does not. ``--first`` profiles the
-engine's first forward (the backend's one-time checks run in it: on GPUs that is vLLM's profiling run);
-otherwise a warm-up forward runs first. Prints a table; ``--out`` appends the rows to a JSON file.
+alive at that peak, which names what the backend holds that native does not. ``--seqs N`` splits the
+tokens over N prompts in the one step (vLLM's profiling run: ``max_num_seqs`` prompts). ``--first`` profiles
+the engine's first forward (on the CPU engine the backend's one-time checks run in it); otherwise a warm-up
+forward runs first. On GPUs the first forward is vLLM's profiling run inside ``LLM()``, before the profiler
+starts: there the table adds what that run left in use, live tensors' peak and the allocator's reserved
+peak, and the KV blocks it gave. Prints tables; ``--out`` appends the rows to a JSON file.
 
     python benchmarks/forward_peak.py --checkpoint CKPT --tokens 1000                 # CPU engine, float32
-    python benchmarks/forward_peak.py --checkpoint CKPT --tokens 2048 --device cuda --dtype bfloat16
+    python benchmarks/forward_peak.py --checkpoint CKPT --tokens 2048 --seqs 256 --device cuda --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -32,15 +35,38 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
 
     from vllm import LLM, SamplingParams
 
+    sizing: Dict[str, Any] = {}
+    if args.device == "cuda":
+        # vLLM sizes the KV cache from the device memory its profiling run leaves in use (mem_get_info, so the
+        # caching allocator's reserved segments count, not only live tensors): both peaks, read at its end
+        from vllm.worker.worker import Worker
+
+        determine = Worker.determine_num_available_blocks
+
+        def determine_and_record(self):
+            torch.cuda.reset_peak_memory_stats()
+            blocks = determine(self)
+            sizing.update(num_gpu_blocks=blocks[0], profile_allocated_mib=torch.cuda.max_memory_allocated() / 2 ** 20,
+                          profile_reserved_mib=torch.cuda.max_memory_reserved() / 2 ** 20)
+            return blocks
+
+        Worker.determine_num_available_blocks = determine_and_record
     llm = LLM(model=args.checkpoint, model_impl=args.impl, dtype=args.dtype, device=args.device,
               max_model_len=args.tokens + 8, max_num_batched_tokens=args.tokens + 8, enforce_eager=True,
-              skip_tokenizer_init=True, gpu_memory_utilization=0.4, max_num_seqs=1)
+              skip_tokenizer_init=True, gpu_memory_utilization=0.4, max_num_seqs=args.seqs)
     params = SamplingParams(max_tokens=1, detokenize=False)
+
+    def prompts(first_id: int) -> List[Dict[str, List[int]]]:
+        # --seqs N: the step's tokens split over N prompts, as vLLM's profiling run splits its batch
+        size = args.tokens // args.seqs
+        return [{"prompt_token_ids": list(range(first_id + i * size, first_id + (i + 1) * size))}
+                for i in range(args.seqs)]
+
     if not args.first:
-        llm.generate([{"prompt_token_ids": list(range(100, 100 + args.tokens))}], params, use_tqdm=False)
+        llm.generate(prompts(100), params, use_tqdm=False)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        llm.generate([{"prompt_token_ids": list(range(200, 200 + args.tokens))}], params, use_tqdm=False)
+        llm.generate(prompts(200), params, use_tqdm=False)
     live, peak, at_peak, alive = 0, 0, [], {}
     for _, action, (key, _version), size in prof._memory_profile().timeline:
         name = getattr(action, "name", str(action))
@@ -51,13 +77,14 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
             live -= alive.pop(key)
         if live > peak:
             peak, at_peak = live, sorted(alive.values(), reverse=True)[:8]
-    return {"peak_mib": peak / 2 ** 20, "largest_at_peak_mib": [round(s / 2 ** 20, 3) for s in at_peak]}
+    return {"peak_mib": peak / 2 ** 20, "largest_at_peak_mib": [round(s / 2 ** 20, 3) for s in at_peak], **sizing}
 
 
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--tokens", type=int, default=1000)
+    p.add_argument("--seqs", type=int, default=1, help="split the tokens over this many prompts (one step)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32")
     p.add_argument("--first", action="store_true", help="profile the engine's first forward")
@@ -77,12 +104,18 @@ def main(argv: List[str] | None = None) -> int:
             return 1
         rows.append({"variant": label, **json.loads(line[len("RESULT "):])})
     native = rows[0]["peak_mib"]
-    print(f"\none prefill of {args.tokens} tokens, {args.device} {args.dtype}, "
+    print(f"\none prefill of {args.tokens} tokens in {args.seqs} prompt(s), {args.device} {args.dtype}, "
           f"{'first forward' if args.first else 'after a warm-up forward'}: live bytes created by the step\n")
     print("| variant | peak MiB | vs native | largest tensors alive at the peak, MiB |\n|---|---:|---:|---|")
     for row in rows:
         print(f"| {row['variant']} | {row['peak_mib']:.2f} | {row['peak_mib'] - native:+.2f} | "
               f"{', '.join(str(s) for s in row['largest_at_peak_mib'])} |")
+    if "num_gpu_blocks" in rows[0]:
+        print("\nvLLM's profiling run (it sizes the KV cache):\n\n"
+              "| variant | KV blocks | peak allocated MiB | peak reserved MiB |\n|---|---:|---:|---:|")
+        for row in rows:
+            print(f"| {row['variant']} | {row['num_gpu_blocks']} | {row['profile_allocated_mib']:.1f} | "
+                  f"{row['profile_reserved_mib']:.1f} |")
     if args.out:
         out = Path(args.out)
         data = json.loads(out.read_text()) if out.exists() else []

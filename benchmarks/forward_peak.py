@@ -12,6 +12,8 @@ peak, and the KV blocks it gave. Prints tables; ``--out`` appends the rows to a 
 
     python benchmarks/forward_peak.py --checkpoint CKPT --tokens 1000                 # CPU engine, float32
     python benchmarks/forward_peak.py --checkpoint CKPT --tokens 2048 --seqs 256 --device cuda --dtype bfloat16
+    python benchmarks/forward_peak.py --model qwen2 --tokens 2048 --seqs 256 --device cuda --dtype bfloat16 \
+        --baseline-path /tmp/before        # a bench_specs shape, vLLM's dummy weights; and another commit's backend
 """
 from __future__ import annotations
 
@@ -44,6 +46,11 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         determine = Worker.determine_num_available_blocks
 
         def determine_and_record(self):
+            # after loading, what vLLM's own empty_cache cannot give back: free blocks inside segments that
+            # also hold live tensors (the profile reads the device's free memory, so they count as used)
+            torch.cuda.empty_cache()
+            sizing.update(loaded_allocated_mib=torch.cuda.memory_allocated() / 2 ** 20,
+                          loaded_held_free_mib=(torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 2 ** 20)
             torch.cuda.reset_peak_memory_stats()
             blocks = determine(self)
             sizing.update(num_gpu_blocks=blocks[0], profile_allocated_mib=torch.cuda.max_memory_allocated() / 2 ** 20,
@@ -53,7 +60,8 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         Worker.determine_num_available_blocks = determine_and_record
     llm = LLM(model=args.checkpoint, model_impl=args.impl, dtype=args.dtype, device=args.device,
               max_model_len=args.tokens + 8, max_num_batched_tokens=args.tokens + 8, enforce_eager=True,
-              skip_tokenizer_init=True, gpu_memory_utilization=0.4, max_num_seqs=args.seqs)
+              skip_tokenizer_init=True, gpu_memory_utilization=0.4, max_num_seqs=args.seqs,
+              load_format=args.load_format)
     params = SamplingParams(max_tokens=1, detokenize=False)
 
     def prompts(first_id: int) -> List[Dict[str, List[int]]]:
@@ -82,21 +90,43 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint directory")
+    source.add_argument("--model", help="a random-weight shape of bench_specs.py (1b, 8b, qwen2, ...): its config "
+                                        "only, vLLM draws the weights (load_format dummy)")
+    p.add_argument("--baseline-path", help="also run the backend from the package under this folder (another "
+                                           "commit's vllm_transformers_backend, patches inside): a before/after")
+    p.add_argument("--no-body-off", action="store_true", help="leave out the body_forward-off variant")
     p.add_argument("--tokens", type=int, default=1000)
     p.add_argument("--seqs", type=int, default=1, help="split the tokens over this many prompts (one step)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32")
     p.add_argument("--first", action="store_true", help="profile the engine's first forward")
     p.add_argument("--out", default=None, help="a JSON file the rows are appended to")
-    p.add_argument("--impl", help=argparse.SUPPRESS)  # set in the child process
+    p.add_argument("--impl", help=argparse.SUPPRESS)  # set in the child process, with:
+    p.add_argument("--load-format", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.impl:
         print("RESULT " + json.dumps(measure(args)))
         return 0
+    if args.model and not args.checkpoint:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_specs import hf_config
+
+        path = Path("/tmp/vtb-bench") / f"{args.model}-config"
+        hf_config(args.model, args.dtype).save_pretrained(path)
+        args.checkpoint = str(path)
+    variants = VARIANTS[:2] if args.no_body_off else list(VARIANTS)
+    if args.baseline_path:
+        path = str(Path(args.baseline_path).resolve())
+        variants.insert(2, ("backend at --baseline-path", "transformers",
+                            {"PYTHONPATH": os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))}))
+    forwarded = ["--checkpoint", args.checkpoint, "--tokens", str(args.tokens), "--seqs", str(args.seqs),
+                 "--device", args.device, "--dtype", args.dtype, *(["--first"] if args.first else []),
+                 "--load-format", "dummy" if args.model else "auto"]
     rows = []
-    for label, impl, env in VARIANTS:
-        cmd = [sys.executable, __file__, "--impl", impl, *(sys.argv[1:] if argv is None else argv)]
+    for label, impl, env in variants:
+        cmd = [sys.executable, __file__, "--impl", impl, *forwarded]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=900)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
@@ -111,11 +141,13 @@ def main(argv: List[str] | None = None) -> int:
         print(f"| {row['variant']} | {row['peak_mib']:.2f} | {row['peak_mib'] - native:+.2f} | "
               f"{', '.join(str(s) for s in row['largest_at_peak_mib'])} |")
     if "num_gpu_blocks" in rows[0]:
-        print("\nvLLM's profiling run (it sizes the KV cache):\n\n"
-              "| variant | KV blocks | peak allocated MiB | peak reserved MiB |\n|---|---:|---:|---:|")
+        print("\nAfter loading (allocated; free inside part-used segments, which empty_cache keeps) and vLLM's "
+              "profiling run (it sizes the KV cache):\n\n| variant | loaded MiB | held free MiB | KV blocks | "
+              "vs native | profile peak allocated MiB | profile peak reserved MiB |\n|---|---:|---:|---:|---:|---:|---:|")
         for row in rows:
-            print(f"| {row['variant']} | {row['num_gpu_blocks']} | {row['profile_allocated_mib']:.1f} | "
-                  f"{row['profile_reserved_mib']:.1f} |")
+            print(f"| {row['variant']} | {row['loaded_allocated_mib']:.1f} | {row['loaded_held_free_mib']:.1f} | "
+                  f"{row['num_gpu_blocks']} | {row['num_gpu_blocks'] - rows[0]['num_gpu_blocks']:+d} | "
+                  f"{row['profile_allocated_mib']:.1f} | {row['profile_reserved_mib']:.1f} |")
     if args.out:
         out = Path(args.out)
         data = json.loads(out.read_text()) if out.exists() else []

@@ -6,8 +6,9 @@ Construction (inside vLLM's loader, under ``with torch.device(target)`` and the 
    ``inv_freq`` are computed for real, on the target device; :mod:`.hf_model`, shared with ``check``);
 2. with pipeline parallelism, keep this rank's modules (``pp_plan``, :mod:`.pipeline`); mixture-of-experts
    blocks' experts become vLLM ``FusedMoE`` layers where the kernel runs (the ``moe`` speed pass, first:
-   :mod:`.moe`); swap ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style, :mod:`.tp_plan`) and the input
-   embedding for ``VocabParallelEmbedding`` (keeping ``embed_scale``);
+   :mod:`.moe`); swap ``nn.Linear``/``Conv1D`` for vLLM linears (by ``tp_plan`` style, :mod:`.tp_plan`; unquantized
+   ones on meta, so that those a speed pass replaces never take device memory) and the input embedding for
+   ``VocabParallelEmbedding`` (keeping ``embed_scale``);
 3. run the speed passes (:mod:`.passes`): RMS norms, q/k/v and gate/up fusion, gated MLPs, rotary, rotary tables,
    residual fusion; the model keeps their reports (``speed_passes``, shown by ``doctor``);
 4. create one vLLM ``Attention`` per layer, reached from the ``"vllm"`` attention function;
@@ -25,7 +26,8 @@ then the final norm. The hidden states (``[tokens, hidden]``) go to the wrapper'
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+import contextlib
+from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -226,10 +228,12 @@ class Base(nn.Module):
                 qualname = f"{prefix}.{name}" if prefix else name
                 if hf.is_linear(child):
                     in_features, out_features = hf.linear_features(child)
-                    setattr(module, name, make_linear(
-                        in_features, out_features, child.bias is not None, style_of(qualname), self.quant_config,
-                        self.checkpoint_name(qualname), transposed_checkpoint=hf.is_conv1d(child),
-                        kv_head_size=kv_size_for(out_features)))
+                    with self._unallocated():
+                        layer = make_linear(
+                            in_features, out_features, child.bias is not None, style_of(qualname),
+                            self.quant_config, self.checkpoint_name(qualname),
+                            transposed_checkpoint=hf.is_conv1d(child), kv_head_size=kv_size_for(out_features))
+                    setattr(module, name, layer)
                 else:
                     walk(child, qualname)
 
@@ -241,6 +245,17 @@ class Base(nn.Module):
                 make_embedding(embedding, self.quant_config, self.checkpoint_name(self._input_embedding_qualname()),
                                extra_rows=extra_rows)
             )
+
+    def _unallocated(self) -> ContextManager[Any]:
+        """Where layers that a speed pass may replace are built: on meta, allocated on the device at the end
+        (:meth:`_materialize_parameters`) if they are still in the model then.
+
+        Built on the device, the q/k/v and gate/up linears that projection fusion replaces (and a tied head's own
+        weight) were allocated and freed between the layers that stay: the caching allocator's segments kept
+        the holes (empty_cache frees only whole segments), and vLLM's profile, which reads the device's free
+        memory, counted them against the KV cache. Quantized methods keep the device: some create parameters
+        that are materialized where they are when the checkpoint arrives (GGUF's ``UninitializedParameter``)."""
+        return torch.device("meta") if self.quant_config is None else contextlib.nullcontext()
 
     def checkpoint_name(self, qualname: str) -> str:
         """The checkpoint (HF) name of a module of the body: what quantization ignore lists are written in."""

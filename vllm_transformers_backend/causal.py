@@ -5,6 +5,7 @@ Decode step: last, after the body's final norm: ``compute_logits`` (``ParallelLM
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -60,11 +61,13 @@ class TransformersForCausalLM(Base):
             self._pp_missing_prefixes.append("lm_head.")
         else:
             padding = self.lora_config.lora_vocab_padding_size if self.vocabulary_lora else DEFAULT_VOCAB_PADDING_SIZE
-            self.lm_head = ParallelLMHead(
-                vocab_size + extra, width, bias=has_bias, org_num_embeddings=vocab_size,
-                padding_size=padding, quant_config=self.quant_config,
-                prefix=(self._output_embedding_names or ["lm_head"])[0],
-            )
+            # a tied head's weight is the embedding's, so its own is never allocated (Base._unallocated)
+            with self._unallocated() if self.tie_word_embeddings else contextlib.nullcontext():
+                self.lm_head = ParallelLMHead(
+                    vocab_size + extra, width, bias=has_bias, org_num_embeddings=vocab_size,
+                    padding_size=padding, quant_config=self.quant_config,
+                    prefix=(self._output_embedding_names or ["lm_head"])[0],
+                )
         if self.tie_word_embeddings and not isinstance(self.lm_head, PPMissingLayer):
             embedding = self.model.get_input_embeddings()
             if not isinstance(embedding, VocabParallelEmbedding):

@@ -73,3 +73,19 @@ def test_construction_allocates_only_what_the_model_keeps(arch, checkpoints, one
     fused = [name for name, _ in model.named_modules() if name.endswith(("qkv_proj", "gate_up_proj"))]
     if arch in ("llama", "qwen2", "gemma", "qwen3", "olmo2"):
         assert fused, "projection fusion did not run: the case this test is about"
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
+def test_mixture_of_experts_construction_allocates_only_what_the_model_keeps(arch, tmp_path, one_process_group,
+                                                                             monkeypatch):
+    """The same for mixture-of-experts bodies (router, experts, Qwen2-MoE's shared expert and its gate), whose
+    experts run HF's code on the CPU as vLLM linears."""
+    from tests import helpers
+
+    helpers.require_architecture(arch)
+    model, registered = _build_recording(helpers.build_moe_checkpoint(arch, tmp_path / arch), monkeypatch)
+    kept = {id(p) for p in model.parameters()}
+    assert registered, "no parameter was registered on the device: the recording saw nothing"
+    dropped = [(size, where) for ref, size, where in registered if ref() is None or id(ref()) not in kept]
+    assert not dropped, f"{sum(s for s, _ in dropped)} bytes allocated and dropped: {dropped[:8]}"
+    assert all(p.device.type == "cpu" for p in model.parameters())

@@ -105,6 +105,14 @@ def hf_config(model: str, dtype: str) -> Any:
     return config
 
 
+def config_checkpoint(model: str, dtype: str, root: Path) -> Path:
+    """A checkpoint folder holding only the shape's config, under ``root``: what vLLM's ``load_format="dummy"``
+    needs (it draws the weights itself)."""
+    path = root / f"{model}-config"
+    hf_config(model, dtype).save_pretrained(path)
+    return path
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str

@@ -84,8 +84,7 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         llm.generate(prompts(200), params, use_tqdm=False)
         return {"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2 ** 20, "largest_at_peak_mib": [],
                 **sizing}
-    activities = [ProfilerActivity.CPU]
-    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         llm.generate(prompts(200), params, use_tqdm=False)
     live, peak, at_peak, alive = 0, 0, [], {}
     for _, action, (key, _version), size in prof._memory_profile().timeline:
@@ -121,13 +120,12 @@ def main(argv: List[str] | None = None) -> int:
     if args.impl:
         print("RESULT " + json.dumps(measure(args)))
         return 0
-    if args.model and not args.checkpoint:
+    if args.model:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_specs import hf_config
+        from bench_specs import config_checkpoint
 
-        path = Path("/tmp/vtb-bench") / f"{args.model}-config"
-        hf_config(args.model, args.dtype).save_pretrained(path)
-        args.checkpoint, args.load_format = str(path), "dummy"
+        args.checkpoint = str(config_checkpoint(args.model, args.dtype, Path("/tmp/vtb-bench")))
+        args.load_format = "dummy"
     variants = VARIANTS[:2] if args.no_body_off else list(VARIANTS)
     if args.baseline_path:
         path = str(Path(args.baseline_path).resolve())

@@ -742,11 +742,9 @@ def _checkpoint(args: argparse.Namespace) -> Path:
     if args.checkpoint is not None:
         return args.checkpoint
     if args.load_format == "dummy":  # vLLM draws the weights itself: the config is all it reads
-        from bench_specs import hf_config
+        from bench_specs import config_checkpoint
 
-        path = args.checkpoint_dir / f"{args.model}-config"
-        hf_config(args.model, args.dtype).save_pretrained(path)
-        return path
+        return config_checkpoint(args.model, args.dtype, args.checkpoint_dir)
     path = args.checkpoint_dir / f"{args.model}-{args.dtype}"
     if not checkpoint_ready(path, args.model, args.dtype):
         print(f"building the {args.model} checkpoint at {path}", flush=True)

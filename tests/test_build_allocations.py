@@ -10,7 +10,7 @@ fewer KV blocks than native's (README, Performance; ``benchmarks/forward_peak.py
 Here each model is built in this process on the CPU; every parameter of a vLLM or backend layer registered on
 a real device after the HF model is built (HF's own parameters are made on meta) is recorded, and at the end
 those not in the model are what construction allocated for nothing. Architectures with fused q/k/v
-and gate/up, biases, tied and untied heads, GPT-2's Conv1D and OPT's projected head.
+and gate/up, biases, tied and untied heads, GPT-2's Conv1D, OPT's projected head, and mixture-of-experts bodies.
 """
 from __future__ import annotations
 
@@ -57,19 +57,25 @@ def _build_recording(path, monkeypatch):
     return model, registered
 
 
+def _assert_keeps_what_it_allocates(path, monkeypatch) -> nn.Module:
+    """Builds the backend model of ``path``; every parameter registered on the device is in it, and it is whole
+    (every parameter on the device, none left on meta)."""
+    model, registered = _build_recording(path, monkeypatch)
+    assert registered, "no parameter was registered on the device: the recording saw nothing"
+    kept = {id(p) for p in model.parameters()}
+    dropped = [(size, where) for ref, size, where in registered if ref() is None or id(ref()) not in kept]
+    assert not dropped, f"{sum(s for s, _ in dropped)} bytes allocated and dropped: {dropped[:8]}"
+    params = list(model.parameters())
+    assert params and all(p.device.type == "cpu" for p in params)
+    return model
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_construction_allocates_only_what_the_model_keeps(arch, checkpoints, one_process_group, monkeypatch):
     from tests import helpers
 
     helpers.require_architecture(arch)
-    model, registered = _build_recording(checkpoints(arch), monkeypatch)
-    kept = {id(p) for p in model.parameters()}
-    assert registered, "no parameter was registered on the device: the recording saw nothing"
-    dropped = [(size, where) for ref, size, where in registered if ref() is None or id(ref()) not in kept]
-    assert not dropped, f"{sum(s for s, _ in dropped)} bytes allocated and dropped: {dropped[:8]}"
-    # the model is whole: every parameter on the device, none left on meta
-    params = list(model.parameters())
-    assert params and all(p.device.type == "cpu" for p in params)
+    model = _assert_keeps_what_it_allocates(checkpoints(arch), monkeypatch)
     fused = [name for name, _ in model.named_modules() if name.endswith(("qkv_proj", "gate_up_proj"))]
     if arch in ("llama", "qwen2", "gemma", "qwen3", "olmo2"):
         assert fused, "projection fusion did not run: the case this test is about"
@@ -83,9 +89,4 @@ def test_mixture_of_experts_construction_allocates_only_what_the_model_keeps(arc
     from tests import helpers
 
     helpers.require_architecture(arch)
-    model, registered = _build_recording(helpers.build_moe_checkpoint(arch, tmp_path / arch), monkeypatch)
-    kept = {id(p) for p in model.parameters()}
-    assert registered, "no parameter was registered on the device: the recording saw nothing"
-    dropped = [(size, where) for ref, size, where in registered if ref() is None or id(ref()) not in kept]
-    assert not dropped, f"{sum(s for s, _ in dropped)} bytes allocated and dropped: {dropped[:8]}"
-    assert all(p.device.type == "cpu" for p in model.parameters())
+    _assert_keeps_what_it_allocates(helpers.build_moe_checkpoint(arch, tmp_path / arch), monkeypatch)

@@ -39,6 +39,27 @@ def test_ratio_statistics():
     assert interleaved.ratio_stats(rounds[:3], 0.03)["interval"] is None  # too few rounds for an interval
 
 
+def test_order_balanced_estimate_cancels_the_position_in_the_round():
+    """Whichever engine runs first in a round is 4% faster; the backend itself 1.02x native. With three times as
+    many rounds in one order the pooled median is that order's; the order-balanced estimate is the engine's, and
+    its stratified interval covers it."""
+    rng = random.Random(1)
+    rounds = []
+    for i in range(80):
+        noise = 1.0 + rng.uniform(-0.005, 0.005)
+        if i % 4:  # native first: native 4% faster, so the ratio native/backend time drops by 1.04
+            rounds.append(_round("native first", 1.0 / 1.04 * 1.02 * noise, 1.0))
+        else:
+            rounds.append(_round("backend first", 1.0 * 1.02 * noise, 1.0 / 1.04))
+    stats = interleaved.ratio_stats(rounds, target=0.03)
+    assert abs(stats["median"] - 1.02 / 1.04) < 0.006
+    assert abs(stats["order_balanced"] - 1.02) < 0.004
+    low, high = stats["order_balanced_interval"]
+    assert low <= 1.02 <= high and high - low < 0.01
+    one_order = [r for r in rounds if r["order"] == "native first"]
+    assert interleaved.ratio_stats(one_order, 0.03)["order_balanced"] is None  # needs rounds in both orders
+
+
 def test_bootstrap_interval_covers_the_median():
     values = [float(v) for v in range(1, 102)]
     low, high = interleaved.bootstrap_interval(values)

@@ -272,8 +272,7 @@ def start_stats(entries: List[Dict[str, Any]]) -> Dict[str, Any]:
                            "per_first": {f"{LABEL[o]} first": {"pairs": len(v), "median": statistics.median(v) if v
                                                                else None} for o, v in ratios.items()}}
     if all(ratios.values()):
-        medians = [statistics.median(v) for v in ratios.values()]
-        out["order_balanced"] = (medians[0] * medians[1]) ** 0.5
+        out["order_balanced"] = order_balanced(list(ratios.values()))
     phases = sorted({k for e in entries for i in IMPLS for k in (e[i].get("start_phases") or {})})
     out["phase_delta_s"] = {k: statistics.median(e["transformers"]["start_phases"].get(k, 0.0)
                                                  - e["vllm"]["start_phases"].get(k, 0.0) for e in entries)

@@ -67,10 +67,7 @@ _NOISE = ("Using None for EOS token id because tokenizer is not initialized",)
 def bootstrap_interval(values: Sequence[float], statistic=statistics.median, resamples: int = 2000,
                        seed: int = 0) -> Tuple[float, float]:
     """95% percentile interval of ``statistic`` over resamples (with replacement) of ``values``."""
-    rng = random.Random(seed)
-    n = len(values)
-    stats = sorted(statistic([values[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
-    return stats[int(0.025 * resamples)], stats[min(resamples - 1, int(0.975 * resamples))]
+    return stratified_interval([values], lambda groups: statistic(groups[0]), resamples, seed)
 
 
 def order_balanced(groups: Sequence[Sequence[float]]) -> Optional[float]:
@@ -676,8 +673,10 @@ def report(inv: Dict[str, Any], target: float) -> str:
         s, w = r["stats"], r["workload"]
         if not s.get("rounds"):
             continue
-        if "order_balanced" not in s:  # invocations recorded before the estimate existed
-            s = {**s, **ratio_stats(r["rounds"], target, s["metric"])}
+        if "order_balanced" not in s:  # invocations recorded before the estimate existed: only it is added
+            fresh = ratio_stats(r["rounds"], target, s["metric"])
+            s = {**s, "order_balanced": fresh["order_balanced"],
+                 "order_balanced_interval": fresh["order_balanced_interval"]}
         o = s["per_order"]
         lines.append(f"| {name} ({w['prompts']} x {w['input_len']}/{w['output_len']}) | {s['rounds']} "
                      f"({o['native first']['rounds']}/{o['backend first']['rounds']}) | "

@@ -67,9 +67,10 @@ START_PHASES = (
 )
 
 
-def time_start_phases(phases: Dict[str, float]) -> None:
+def time_start_phases(phases: Dict[str, float], returned: Optional[Dict[str, Any]] = None) -> None:
     """Adds each start phase's wall time to ``phases`` as the engine builds (a class this vLLM lacks is skipped:
-    the CPU build has no CUDA worker and the other way round)."""
+    the CPU build has no CUDA worker and the other way round); ``returned`` keeps each phase's return value
+    (``profile_run``: the block counts the profile gave, before any ``num_gpu_blocks_override``)."""
     import functools
     import importlib
 
@@ -85,7 +86,10 @@ def time_start_phases(phases: Dict[str, float]) -> None:
         def timed(*a, _inner=inner, _label=label, **k):
             t = time.perf_counter()
             try:
-                return _inner(*a, **k)
+                value = _inner(*a, **k)
+                if returned is not None:
+                    returned[_label] = value
+                return value
             finally:
                 phases[_label] = phases.get(_label, 0.0) + time.perf_counter() - t
 
@@ -104,13 +108,15 @@ class EngineWorker:
         self.args = args
         self.device = args.device
         phases: Dict[str, float] = {}
-        time_start_phases(phases)
+        returned: Dict[str, Any] = {}
+        time_start_phases(phases, returned)
         cpu_start = time.process_time()
         start = time.perf_counter()
         self.llm = LLM(model=str(args.checkpoint), model_impl=args.impl, dtype=args.dtype, device=args.device,
                        skip_tokenizer_init=True, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                        max_seq_len_to_capture=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
+                       num_gpu_blocks_override=args.num_gpu_blocks,
                        **({"load_format": args.load_format} if args.load_format else {}))
         self.start_s = time.perf_counter() - start
         start_cpu_s = time.process_time() - cpu_start
@@ -128,6 +134,10 @@ class EngineWorker:
                        "enforce_eager": self.engine.model_config.enforce_eager,
                        "gpu_memory_utilization": args.gpu_memory_utilization,
                        "num_gpu_blocks": self.engine.cache_config.num_gpu_blocks,
+                       # what the profile left room for; differs from the above under --num-gpu-blocks
+                       "profiled_gpu_blocks": (returned.get("profile_run") or (None,))[0],
+                       "num_gpu_blocks_override": args.num_gpu_blocks,
+                       "block_size": self.engine.cache_config.block_size,
                        "max_num_seqs": self.engine.scheduler_config.max_num_seqs,
                        "max_num_batched_tokens": self.engine.scheduler_config.max_num_batched_tokens,
                        "async_output_proc": self.engine.model_config.use_async_output_proc,
@@ -285,6 +295,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--load-format", default=None)
+    parser.add_argument("--num-gpu-blocks", type=int, default=None, help="vLLM's num_gpu_blocks_override")
     parser.add_argument("--gc", choices=["frozen", "python"], default="frozen", help="see the module docstring")
     parser.add_argument("--cpus", default=None, help="comma-separated CPU ids this process runs on (see above)")
     parser.add_argument("--cmd-fd", type=int, required=True)

@@ -280,6 +280,29 @@ def start_stats(entries: List[Dict[str, Any]]) -> Dict[str, Any]:
 # --- one comparison --------------------------------------------------------------------------------------
 
 
+def kv_blocks(engine: Dict[str, Any]) -> str:
+    """The engine's KV blocks, and what its profile gave where --num-gpu-blocks set them."""
+    text = str(engine["num_gpu_blocks"])
+    if engine.get("num_gpu_blocks_override") and engine.get("profiled_gpu_blocks") is not None:
+        text += f" (profile: {engine['profiled_gpu_blocks']})"
+    return text
+
+
+def kv_overflow(w: Workload, engines: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    """Why this workload's rounds will not pair, or None: when its sequences need more KV cache than the smaller
+    engine holds, both engines preempt, and with different block counts they do it at different steps, so their
+    rounds do different work and are left out as mismatched."""
+    blocks = {impl: e["num_gpu_blocks"] for impl, e in engines.items()}
+    block_size = next(iter(engines.values())).get("block_size") or 16
+    need = w.prompts * -(-(w.input_len + w.output_len) // block_size)
+    if need <= min(blocks.values()) or len(set(blocks.values())) == 1:
+        return None
+    return (f"workload {w.name} needs {need} KV blocks ({w.prompts} x {w.input_len + w.output_len} tokens), more "
+            f"than the engines hold (native {blocks['vllm']}, backend {blocks['transformers']}): they preempt at "
+            f"different steps and most rounds will not pair; --num-gpu-blocks {min(blocks.values())} gives both "
+            "the same cache (or raise --gpu-memory-utilization)")
+
+
 def _round_entry(reply: Dict[str, Any]) -> Dict[str, Any]:
     """What the JSON keeps of one engine's round: totals and phase sums (the step summaries keep medians)."""
     steps = reply["steps"]
@@ -350,6 +373,8 @@ class Comparison:
             argv.append("--enforce-eager")
         if a.load_format:
             argv += ["--load-format", a.load_format]
+        if a.num_gpu_blocks:
+            argv += ["--num-gpu-blocks", str(a.num_gpu_blocks)]
         argv += ["--gc", a.gc]
         cpus = engine_cpus(a.pin_cpus, a.device)
         if cpus:
@@ -375,10 +400,14 @@ class Comparison:
             raise ChildError(f"the backend engine built {ready['model_class']}, expected {expected}")
         if (impl == "vllm" or self.args.control) and ready["model_class"] == "TransformersForCausalLM":
             raise ChildError("the native engine built the Transformers backend (no native class for this model?)")
+        profiled = ready["engine"].get("profiled_gpu_blocks")
+        if self.args.num_gpu_blocks and profiled is not None and profiled < self.args.num_gpu_blocks:
+            raise ChildError(f"--num-gpu-blocks {self.args.num_gpu_blocks} is more than the {LABEL[impl]} engine's "
+                             f"profile left room for ({profiled} blocks): give at most {profiled}")
         if record:
             self.invocation["engines"][impl] = ready
         self.log(f"{LABEL[impl]} engine ready: LLM() {ready['start_s']:.1f} s, {ready['model_class']}, weights "
-                 f"{ready['weight_bytes'] / 2 ** 30:.3f} GiB, {ready['engine']['num_gpu_blocks']} KV blocks")
+                 f"{ready['weight_bytes'] / 2 ** 30:.3f} GiB, {kv_blocks(ready['engine'])} KV blocks")
         return ready
 
     def pair_seconds(self) -> float:
@@ -436,6 +465,9 @@ class Comparison:
         a = self.args
         deadline = time.monotonic() + share_s
         self.log(f"workload {w.name} ({w.prompts} x {w.input_len} in / {w.output_len} out): up to {share_s:.0f} s")
+        overflow = kv_overflow(w, {impl: self.invocation["engines"][impl]["engine"] for impl in IMPLS})
+        if overflow:
+            self.log(f"WARNING: {overflow}")
         warm = self.both({"cmd": "warmup", "workload": w.to_dict()})
         rounds: List[Dict[str, Any]] = []
         steps: Dict[str, List[Dict[str, Any]]] = {impl: [] for impl in IMPLS}
@@ -491,9 +523,12 @@ class Comparison:
                     stop_reason = "interval within target"
                 if stop_reason:
                     break
-            if not done:
+            complete = replies["vllm"]["done"] and replies["transformers"]["done"]
+            if not complete:
+                # cut short by the budget, or one engine finished first (their schedules diverged, e.g. on
+                # different KV block counts: kv_overflow): the next pass's add needs both engines idle
                 self.both({"cmd": "abort"})
-            passes.append({"pass": pass_index, "complete": done, "add_s": {i: added[i]["add_s"] for i in IMPLS},
+            passes.append({"pass": pass_index, "complete": complete, "add_s": {i: added[i]["add_s"] for i in IMPLS},
                            "ttft_s": first_token if all(first_token_done.values()) else None})
             pass_index += 1
         stats = ratio_stats(rounds, a.target, a.metric)
@@ -501,6 +536,7 @@ class Comparison:
         from step_timer import summarize
 
         result = {"workload": w.to_dict(), "stop": stop_reason, "passes": passes, "mismatched_rounds": mismatches,
+                  "kv_overflow": overflow,
                   "warmup": warm, "stats": stats, f"stats_{other}": ratio_stats(rounds, a.target, other),
                   "rounds": rounds,
                   "steps": {impl: summarize(steps[impl]) for impl in IMPLS},
@@ -649,7 +685,7 @@ def report(inv: Dict[str, Any], target: float) -> str:
                 loaded = "-" if e.get("loaded_bytes") is None else f"{e['loaded_bytes'] / 2 ** 30:.3f}"
                 lines.append(f"| {LABEL[impl]} | {e['start_s']:.1f} ({e.get('start_cpu_s', 0):.1f}) | "
                              f"{e['weight_bytes'] / 2 ** 30:.3f} | {loaded} | "
-                             f"{e['engine']['num_gpu_blocks']} | {'off' if e['engine']['enforce_eager'] else 'on'} |")
+                             f"{kv_blocks(e['engine'])} | {'off' if e['engine']['enforce_eager'] else 'on'} |")
         if all(i in engines for i in IMPLS):
             n, b = engines["vllm"], engines["transformers"]
             lines.append(f"\nbackend/native: start {b['start_s'] / n['start_s']:.2f}x (CPU time "
@@ -819,6 +855,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.42, help="each engine's share")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the longest workload, rounded up")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--num-gpu-blocks", type=int, default=None, help="both engines' KV cache in blocks (vLLM's "
+                   "num_gpu_blocks_override; at most the smaller count the engines' profiles give, which the "
+                   "results keep as profiled_gpu_blocks): for a workload that overflows the cache, whose rounds "
+                   "pair only when both engines preempt alike")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--load-format", default=None, choices=["dummy"], help="dummy: vLLM's own random weights "
                    "(uniform +/-1e-3, no checkpoint to write and read: saves minutes for the 8B shape); start times "

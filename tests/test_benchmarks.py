@@ -126,6 +126,70 @@ def test_start_stats_weigh_both_orders_alike():
     assert stats["phase_delta_s"] == {"load_model": 0.5}
 
 
+class _PassEngine:
+    """Stands in for one engine_worker child: each pass takes ``steps`` decode steps; like the real worker, ``add``
+    refuses while requests of an earlier pass are unfinished."""
+
+    def __init__(self, steps: int, seed: int) -> None:
+        self.steps, self.left, self.adds, self.aborted = steps, 0, 0, 0
+        self.rng = random.Random(seed)  # step times that vary, so no interval resolves and rounds run to the cap
+
+    def request(self, message: dict, timeout=None) -> dict:
+        cmd = message["cmd"]
+        if cmd == "warmup":
+            return {"warmup_s": 0.0}
+        if cmd == "add":
+            if self.left:
+                raise interleaved.ChildError("requests of an earlier pass are still running: abort them first")
+            self.left, self.adds = self.steps, self.adds + 1
+            return {"add_s": 0.0, "requests": 2}
+        if cmd == "round":
+            k = min(message["steps"], self.left)
+            self.left -= k
+            t = self.rng.uniform(0.5e-3, 1.5e-3)
+            step = {"kind": "decode", "seqs": 2, "tokens": 2, "generated": 2, "wall": t, "cpu": t, "host": t / 2}
+            return {"wall_s": t * k, "cpu_s": t * k, "steps": [dict(step) for _ in range(k)],
+                    "done": self.left == 0, "gc_s": 0.0}
+        assert cmd == "abort", cmd
+        aborted, self.left = self.left, 0
+        self.aborted += aborted
+        return {"aborted": aborted}
+
+
+def test_a_pass_one_engine_finishes_first_is_aborted_before_the_next(tmp_path):
+    """Engines whose passes end at different steps (on GPUs: different KV block counts with a workload that
+    overflows the cache, so they preempt at different steps): the pass ends when one is done, the other's rest
+    is aborted, and the next pass starts on both. Before the fix the second pass's add failed."""
+    args = interleaved.parse_args(["--device", "cpu", "--smoke", "--model", "tiny", "--workloads", "small",
+                                   "--out", str(tmp_path), "--round-s", "0", "--min-rounds", "4", "--max-rounds", "8",
+                                   "--target", "0.0001"])
+    comparison = interleaved.Comparison(args, interleaved.time.monotonic())
+    native, backend = _PassEngine(steps=3, seed=1), _PassEngine(steps=5, seed=2)
+    comparison.children = {"vllm": native, "transformers": backend}
+    comparison.invocation["engines"] = {"vllm": {"engine": {"num_gpu_blocks": 100, "block_size": 16}},
+                                        "transformers": {"engine": {"num_gpu_blocks": 99, "block_size": 16}}}
+    workload = interleaved.ROUND_WORKLOADS["smoke"]["small"]
+    result = comparison.run_workload(workload, share_s=60.0, offset=0)
+    # one step a round (--round-s 0): each pass pairs two rounds, then native's third finishes it while the
+    # backend has two steps left (that round is left out: the engines' "done" differ); 8 paired rounds take
+    # four passes, the last cut at the cap after its second round (both engines' rest aborted)
+    assert result["stop"] == "max rounds" and len(result["rounds"]) == 8
+    assert native.adds == backend.adds == len(result["passes"]) == 4
+    assert result["mismatched_rounds"] == 3 and not any(p["complete"] for p in result["passes"])
+    assert backend.aborted == 3 * 2 + 3 and native.aborted == 1
+    assert native.left == backend.left == 0 and result["kv_overflow"] is None  # one block each: no overflow
+
+
+def test_kv_overflow_names_the_workload_and_the_common_block_count():
+    w = interleaved.Workload("prefill", 256, 1024, 32)
+    engines = {"vllm": {"num_gpu_blocks": 8424, "block_size": 16}, "transformers": {"num_gpu_blocks": 8310, "block_size": 16}}
+    text = interleaved.kv_overflow(w, engines)
+    assert "256 x 1056" in text and "16896 KV blocks" in text and "--num-gpu-blocks 8310" in text
+    assert interleaved.kv_overflow(interleaved.Workload("long", 4, 8192, 64), engines) is None  # 2064 blocks fit
+    same = {impl: {"num_gpu_blocks": 8310, "block_size": 16} for impl in engines}
+    assert interleaved.kv_overflow(w, same) is None  # equal caches preempt alike
+
+
 def test_smoke_run_end_to_end(checkpoints, tmp_path):
     """Both engines on a tiny Qwen2 (q/k/v biases, tied head), the smoke workloads, profiles at the end."""
     path = checkpoints("qwen2")
@@ -183,7 +247,7 @@ def test_interleaved_control_runs_native_in_both_slots(tmp_path, checkpoints):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "interleaved.py"), "--device", "cpu", "--smoke", "--checkpoint",
            str(path), "--model", "tiny-qwen2", "--workloads", "small", "--control", "--out", str(tmp_path), "--quiet",
-           "--budget-s", "180", "--start-pairs", "1"]
+           "--budget-s", "180", "--start-pairs", "1", "--num-gpu-blocks", "40"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not (tmp_path / "interleaved-tiny-qwen2-cpu.json").exists()
@@ -191,6 +255,10 @@ def test_interleaved_control_runs_native_in_both_slots(tmp_path, checkpoints):
     assert {e["model_class"] for e in inv["engines"].values()} == {"Qwen2ForCausalLM"}
     assert inv["options"]["control"] and len(inv["workloads"]["small"]["rounds"]) >= 4
     assert "A/A control" in proc.stdout
+    # --num-gpu-blocks: both caches set to it; what each profile gave is kept beside it
+    for e in inv["engines"].values():
+        assert e["engine"]["num_gpu_blocks"] == 40 and e["engine"]["profiled_gpu_blocks"] > 40
+    assert "40 (profile: " in proc.stdout
     # --start-pairs 1: one more pair of starts in fresh processes, the other engine first
     pairs = inv["start_pairs"]
     assert [p["first"] for p in pairs] == ["vllm", "transformers"] and [p["main"] for p in pairs] == [True, False]

@@ -11,12 +11,16 @@ forward runs first. On GPUs the step's peak is the caching allocator's (the prof
 on exit with CUDA on torch 2.4), and the first forward is vLLM's profiling run inside ``LLM()``: the second
 table gives, per engine, the memory allocated after loading, the free space the allocator then still holds in
 part-used segments (vLLM's profile counts it as used), that run's peak allocated and reserved memory, and the
-KV blocks it gave. Prints tables; ``--out`` appends the rows to a JSON file.
+KV blocks it gave; ``--segments`` adds the allocator's trace of that run: the segments it held at its reserved
+peak and the code whose allocation made each (equal live peaks can still reserve differently). Prints tables;
+``--out`` appends the rows to a JSON file.
 
     python benchmarks/forward_peak.py --checkpoint CKPT --tokens 1000                 # CPU engine, float32
     python benchmarks/forward_peak.py --checkpoint CKPT --tokens 2048 --seqs 256 --device cuda --dtype bfloat16
     python benchmarks/forward_peak.py --model qwen2 --tokens 2048 --seqs 256 --device cuda --dtype bfloat16 \
         --baseline-path /tmp/before        # a bench_specs shape, vLLM's dummy weights; and another commit's backend
+    python benchmarks/forward_peak.py --model 8b --tokens 8320 --seqs 256 --device cuda --dtype bfloat16 \
+        --no-body-off --segments          # which segments the backend's profiling run reserves beyond native's
 """
 from __future__ import annotations
 
@@ -31,6 +35,36 @@ from typing import Any, Dict, List
 #: (label, model_impl, extra environment): the backend with every speed pass, and with HF's body forward.
 VARIANTS = [("native", "vllm", {}), ("backend", "transformers", {}),
             ("backend, body_forward off", "transformers", {"VLLM_TRANSFORMERS_BACKEND_FUSE_BODY": "0"})]
+
+
+def _where(frames: List[Dict[str, Any]]) -> str:
+    """The innermost frames of an allocation outside torch itself: which code asked for the memory."""
+    own = [f for f in frames if "/torch/" not in f.get("filename", "") and f.get("filename", "").endswith(".py")]
+    return " < ".join(f"{Path(f['filename']).name}:{f.get('line')} {f.get('name')}" for f in own[:3]) or "?"
+
+
+def new_segments(trace: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """What the caching allocator reserved from the device during a traced window (``segment_alloc`` and
+    ``segment_free`` events of ``torch.cuda.memory._snapshot()['device_traces']``): its peak, and the segments
+    held at that peak with their sizes and the code whose allocation made each. vLLM 0.6.2 reads the device's
+    free memory right after its profiling run, before its own ``empty_cache``, so every segment reserved then
+    counts as used: a segment one engine adds and the other does not is KV cache it loses, even at equal live
+    peaks."""
+    held: Dict[int, Dict[str, Any]] = {}
+    reserved = peak = 0
+    at_peak: List[Dict[str, Any]] = []
+    for event in trace:
+        action = event.get("action")
+        if action == "segment_alloc":
+            held[event["addr"]] = {"bytes": event["size"], "where": _where(event.get("frames") or [])}
+            reserved += event["size"]
+            if reserved > peak:
+                peak, at_peak = reserved, list(held.values())
+        elif action == "segment_free" and event.get("addr") in held:
+            reserved -= held.pop(event["addr"])["bytes"]
+    at_peak.sort(key=lambda seg: -seg["bytes"])
+    segments = [{"mib": seg["bytes"] / 2 ** 20, "where": seg["where"]} for seg in at_peak]
+    return {"reserved_peak_mib": peak / 2 ** 20, "segments": segments}
 
 
 def measure(args: argparse.Namespace) -> Dict[str, Any]:
@@ -55,9 +89,16 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
             sizing.update(loaded_allocated_mib=torch.cuda.memory_allocated() / 2 ** 20,
                           loaded_held_free_mib=(torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 2 ** 20)
             torch.cuda.reset_peak_memory_stats()
+            if args.segments:  # the allocator's own event trace, Python stacks included, over the profiling run
+                torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
             blocks = determine(self)
             sizing.update(num_gpu_blocks=blocks[0], profile_allocated_mib=torch.cuda.max_memory_allocated() / 2 ** 20,
                           profile_reserved_mib=torch.cuda.max_memory_reserved() / 2 ** 20)
+            if args.segments:
+                snapshot = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
+                traces = snapshot.get("device_traces") or [[]]
+                sizing["profile_segments"] = new_segments(traces[torch.cuda.current_device()])
             return blocks
 
         Worker.determine_num_available_blocks = determine_and_record
@@ -114,6 +155,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--first", action="store_true", help="profile the engine's first forward")
     p.add_argument("--out", default=None, help="a JSON file the rows are appended to")
+    p.add_argument("--segments", action="store_true", help="cuda: trace the allocator over vLLM's profiling run and "
+                   "list the segments it held at its reserved peak, with the code that made each")
     p.add_argument("--impl", help=argparse.SUPPRESS)  # set in the child process, with:
     p.add_argument("--load-format", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -133,6 +176,7 @@ def main(argv: List[str] | None = None) -> int:
                             {"PYTHONPATH": os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))}))
     forwarded = ["--checkpoint", args.checkpoint, "--tokens", str(args.tokens), "--seqs", str(args.seqs),
                  "--device", args.device, "--dtype", args.dtype, *(["--first"] if args.first else []),
+                 *(["--segments"] if args.segments else []),
                  "--load-format", args.load_format]
     rows = []
     for label, impl, env in variants:
@@ -158,6 +202,14 @@ def main(argv: List[str] | None = None) -> int:
             print(f"| {row['variant']} | {row['loaded_allocated_mib']:.1f} | {row['loaded_held_free_mib']:.1f} | "
                   f"{row['num_gpu_blocks']} | {row['num_gpu_blocks'] - rows[0]['num_gpu_blocks']:+d} | "
                   f"{row['profile_allocated_mib']:.1f} | {row['profile_reserved_mib']:.1f} |")
+    if any("profile_segments" in row for row in rows):
+        print("\nSegments vLLM's profiling run reserved, at its reserved peak (the KV sizing counts them as used), "
+              "largest first, with the code whose allocation made each:\n")
+        for row in rows:
+            seg = row.get("profile_segments") or {"segments": [], "reserved_peak_mib": 0.0}
+            print(f"- {row['variant']}: {len(seg['segments'])} segments, {seg['reserved_peak_mib']:.1f} MiB")
+            for one in seg["segments"][:8]:
+                print(f"    {one['mib']:9.1f} MiB  {one['where']}")
     if args.out:
         out = Path(args.out)
         data = json.loads(out.read_text()) if out.exists() else []

@@ -190,6 +190,35 @@ def test_kv_overflow_names_the_workload_and_the_common_block_count():
     assert interleaved.kv_overflow(w, same) is None  # equal caches preempt alike
 
 
+def test_profile_segments_at_the_reserved_peak_name_the_code_that_made_them():
+    """forward_peak.py --segments reads the allocator's trace (torch.cuda.memory._snapshot's device_traces, whose
+    events are only recorded on CUDA): the segments held when reservation peaked, each with the innermost frames
+    outside torch that allocated it. Here: a segment freed before the peak is not listed, one made after the
+    peak's fall is not either, and torch's own frames are skipped."""
+    import forward_peak
+
+    mib = 2 ** 20
+
+    def frames(*names):
+        return [{"filename": f"/site/{n.split(':')[0]}", "line": int(n.split(':')[1]), "name": "f"} for n in names]
+
+    trace = [
+        {"action": "segment_free", "addr": 9, "size": 64 * mib},  # from before the window: ignored
+        {"action": "segment_alloc", "addr": 1, "size": 20 * mib, "frames": frames("torch/nn/functional.py:1", "fusion.py:406")},
+        {"action": "alloc", "addr": 1, "size": 12 * mib, "frames": []},
+        {"action": "segment_alloc", "addr": 2, "size": 228 * mib, "frames": frames("base.py:411", "worker.py:9", "llm.py:3", "x.py:1")},
+        {"action": "segment_alloc", "addr": 3, "size": 2 * mib, "frames": frames("torch/cuda/x.py:4")},
+        {"action": "segment_free", "addr": 3, "size": 2 * mib},
+        {"action": "segment_free", "addr": 2, "size": 228 * mib},
+        {"action": "segment_alloc", "addr": 4, "size": 100 * mib, "frames": frames("body_forward.py:122")},
+    ]
+    out = forward_peak.new_segments(trace)
+    assert out["reserved_peak_mib"] == 250
+    assert [(s["mib"], s["where"]) for s in out["segments"]] == [
+        (228, "base.py:411 f < worker.py:9 f < llm.py:3 f"), (20, "fusion.py:406 f"), (2, "?")]
+    assert forward_peak.new_segments([]) == {"reserved_peak_mib": 0.0, "segments": []}
+
+
 def test_smoke_run_end_to_end(checkpoints, tmp_path):
     """Both engines on a tiny Qwen2 (q/k/v biases, tied head), the smoke workloads, profiles at the end."""
     path = checkpoints("qwen2")

@@ -293,11 +293,12 @@ def kv_overflow(w: Workload, engines: Dict[str, Dict[str, Any]]) -> Optional[str
     engine holds, both engines preempt, and with different block counts they do it at different steps, so their
     rounds do different work and are left out as mismatched."""
     blocks = {impl: e["num_gpu_blocks"] for impl, e in engines.items()}
-    block_size = next(iter(engines.values())).get("block_size") or 16
-    need = w.prompts * -(-(w.input_len + w.output_len) // block_size)
+    some = next(iter(engines.values()))
+    running = min(w.prompts, some.get("max_num_seqs") or w.prompts)  # the scheduler runs at most this many
+    need = running * -(-(w.input_len + w.output_len) // (some.get("block_size") or 16))
     if need <= min(blocks.values()) or len(set(blocks.values())) == 1:
         return None
-    return (f"workload {w.name} needs {need} KV blocks ({w.prompts} x {w.input_len + w.output_len} tokens), more "
+    return (f"workload {w.name} needs {need} KV blocks ({running} x {w.input_len + w.output_len} tokens), more "
             f"than the engines hold (native {blocks['vllm']}, backend {blocks['transformers']}): they preempt at "
             f"different steps and most rounds will not pair; --num-gpu-blocks {min(blocks.values())} gives both "
             "the same cache (or raise --gpu-memory-utilization)")

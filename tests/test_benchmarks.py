@@ -188,13 +188,18 @@ def test_kv_overflow_names_the_workload_and_the_common_block_count():
     assert interleaved.kv_overflow(interleaved.Workload("long", 4, 8192, 64), engines) is None  # 2064 blocks fit
     same = {impl: {"num_gpu_blocks": 8310, "block_size": 16} for impl in engines}
     assert interleaved.kv_overflow(w, same) is None  # equal caches preempt alike
+    # 1,024 prompts of 256 tokens with at most 256 running: 4,096 blocks, not 16,384
+    many = interleaved.Workload("decode1024", 1024, 128, 128)
+    assert interleaved.kv_overflow(many, {i: {**e, "max_num_seqs": 256} for i, e in engines.items()}) is None
+    assert "256 x 256 tokens" in interleaved.kv_overflow(many, {"vllm": {"num_gpu_blocks": 4100, "max_num_seqs": 256},
+                                                                "transformers": {"num_gpu_blocks": 4000}})
 
 
 def test_profile_segments_at_the_reserved_peak_name_the_code_that_made_them():
     """forward_peak.py --segments reads the allocator's trace (torch.cuda.memory._snapshot's device_traces, whose
     events are only recorded on CUDA): the segments held when reservation peaked, each with the innermost frames
-    outside torch that allocated it. Here: a segment freed before the peak is not listed, one made after the
-    peak's fall is not either, and torch's own frames are skipped."""
+    outside torch that allocated it. Here: a free of a segment from before the window is ignored, a segment made
+    after the reserved peak fell is not listed, and torch's own frames are skipped ("?" where only they made it)."""
     import forward_peak
 
     mib = 2 ** 20

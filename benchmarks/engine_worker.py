@@ -136,7 +136,6 @@ class EngineWorker:
                        "num_gpu_blocks": self.engine.cache_config.num_gpu_blocks,
                        # what the profile left room for; differs from the above under --num-gpu-blocks
                        "profiled_gpu_blocks": (returned.get("profile_run") or (None,))[0],
-                       "num_gpu_blocks_override": args.num_gpu_blocks,
                        "block_size": self.engine.cache_config.block_size,
                        "max_num_seqs": self.engine.scheduler_config.max_num_seqs,
                        "max_num_batched_tokens": self.engine.scheduler_config.max_num_batched_tokens,

@@ -281,11 +281,11 @@ def start_stats(entries: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def kv_blocks(engine: Dict[str, Any]) -> str:
-    """The engine's KV blocks, and what its profile gave where --num-gpu-blocks set them."""
-    text = str(engine["num_gpu_blocks"])
-    if engine.get("num_gpu_blocks_override") and engine.get("profiled_gpu_blocks") is not None:
-        text += f" (profile: {engine['profiled_gpu_blocks']})"
-    return text
+    """The engine's KV blocks, and what its profile gave where they differ (--num-gpu-blocks set them)."""
+    profiled = engine.get("profiled_gpu_blocks")
+    if profiled is None or profiled == engine["num_gpu_blocks"]:
+        return str(engine["num_gpu_blocks"])
+    return f"{engine['num_gpu_blocks']} (profile: {profiled})"
 
 
 def kv_overflow(w: Workload, engines: Dict[str, Dict[str, Any]]) -> Optional[str]:

@@ -102,6 +102,9 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
             return blocks
 
         Worker.determine_num_available_blocks = determine_and_record
+    import vllm_transformers_backend
+
+    sizing["package"] = str(Path(vllm_transformers_backend.__file__).resolve().parent)  # which backend code ran
     llm = LLM(model=args.checkpoint, model_impl=args.impl, dtype=args.dtype, device=args.device,
               max_model_len=args.tokens + 8, max_num_batched_tokens=args.tokens + 8, enforce_eager=True,
               skip_tokenizer_init=True, gpu_memory_utilization=0.4, max_num_seqs=args.seqs,
@@ -146,8 +149,9 @@ def main(argv: List[str] | None = None) -> int:
     source.add_argument("--checkpoint", help="a checkpoint directory")
     source.add_argument("--model", help="a random-weight shape of bench_specs.py (1b, 8b, qwen2, ...): its config "
                                         "only, vLLM draws the weights (load_format dummy)")
-    p.add_argument("--baseline-path", help="also run the backend from the package under this folder (another "
-                                           "commit's vllm_transformers_backend, patches inside): a before/after")
+    p.add_argument("--baseline-path", action="append", default=[], help="also run the backend from the package "
+                   "under this folder (another commit's vllm_transformers_backend, patches inside): a before/after; "
+                   "repeat it for several")
     p.add_argument("--no-body-off", action="store_true", help="leave out the body_forward-off variant")
     p.add_argument("--tokens", type=int, default=1000)
     p.add_argument("--seqs", type=int, default=1, help="split the tokens over this many prompts (one step)")
@@ -170,10 +174,10 @@ def main(argv: List[str] | None = None) -> int:
         args.checkpoint = str(config_checkpoint(args.model, args.dtype, Path("/tmp/vtb-bench")))
         args.load_format = "dummy"
     variants = VARIANTS[:2] if args.no_body_off else list(VARIANTS)
-    if args.baseline_path:
-        path = str(Path(args.baseline_path).resolve())
-        variants.insert(2, ("backend at --baseline-path", "transformers",
-                            {"PYTHONPATH": os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))}))
+    for n, folder in enumerate(args.baseline_path):
+        path = str(Path(folder).resolve())
+        variants.insert(2 + n, (f"backend at {folder}", "transformers",
+                                {"PYTHONPATH": os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))}))
     forwarded = ["--checkpoint", args.checkpoint, "--tokens", str(args.tokens), "--seqs", str(args.seqs),
                  "--device", args.device, "--dtype", args.dtype, *(["--first"] if args.first else []),
                  *(["--segments"] if args.segments else []),

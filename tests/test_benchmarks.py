@@ -368,3 +368,30 @@ def test_forward_peak_the_lean_body_holds_no_more_than_hf_body(checkpoints, tmp_
     assert set(peaks) == {"native", "backend", "backend, body_forward off"} and all(v > 0 for v in peaks.values())
     assert peaks["backend"] <= peaks["backend, body_forward off"] * 1.001, peaks
     assert "| native |" in proc.stdout
+
+
+def test_forward_peak_runs_each_baseline_folder_as_its_own_variant(checkpoints, tmp_path):
+    """``--baseline-path`` repeated: one more backend row per folder, each running the package under its folder
+    (the row records which package ran), after native's and the backend's own."""
+    import shutil
+
+    folders = []
+    for name in ("first", "second"):
+        package = tmp_path / name / "vllm_transformers_backend"
+        shutil.copytree(ROOT / "vllm_transformers_backend", package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "patches", package / "patches", ignore=shutil.ignore_patterns("__pycache__"))
+        folders.append(tmp_path / name)
+    out = tmp_path / "peak.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "forward_peak.py"), "--checkpoint", str(checkpoints("llama")),
+           "--tokens", "64", "--no-body-off", "--out", str(out)]
+    for folder in folders:
+        cmd += ["--baseline-path", str(folder)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())
+    ran = {row["variant"]: Path(row["package"]) for row in run["rows"]}
+    assert list(ran) == ["native", "backend", f"backend at {folders[0]}", f"backend at {folders[1]}"], list(ran)
+    for folder in folders:
+        assert ran[f"backend at {folder}"] == (folder / "vllm_transformers_backend").resolve()
+    assert ran["backend"] not in {(f / "vllm_transformers_backend").resolve() for f in folders}
+    assert all(row["peak_mib"] > 0 for row in run["rows"])

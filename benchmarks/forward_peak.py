@@ -67,6 +67,48 @@ def new_segments(trace: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"reserved_peak_mib": peak / 2 ** 20, "segments": segments}
 
 
+def segment_misses(trace: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Why the allocator made each new segment of a traced window although it already held a partly free one as
+    large as the request: the live blocks that occupied every such segment then (``alloc`` / ``free_completed``
+    events), with the code that allocated each, and the largest free gap left in it. With equal live bytes, these are the
+    placements that cost one engine a segment the other does not reserve (blocks from before the window are not
+    in the trace and count as free)."""
+    segments: Dict[int, int] = {}
+    live: Dict[int, Any] = {}
+    misses: List[Dict[str, Any]] = []
+    pending: Dict[str, Any] | None = None
+    for event in trace:
+        action, addr = event.get("action"), event.get("addr")
+        if action == "segment_alloc":
+            if pending is not None:  # no block came from the previous one (not seen in torch 2.4's traces)
+                segments[pending["addr"]] = pending["size"]
+            pending = {"addr": addr, "size": event["size"], "where": _where(event.get("frames") or [])}
+        elif action == "segment_free":
+            segments.pop(addr, None)
+        elif action == "alloc":
+            if pending is not None and pending["addr"] <= addr < pending["addr"] + pending["size"]:
+                blocked = []
+                for start, size in sorted(segments.items()):
+                    if size < event["size"]:
+                        continue
+                    inside = sorted((a, b) for a, b in live.items() if start <= a < start + size)
+                    if sum(n for _, (n, _) in inside) >= size:
+                        continue  # full: nothing placed differently would have freed it
+                    edges = [start] + [x for a, (n, _) in inside for x in (a, a + n)] + [start + size]
+                    gap = max(edges[i + 1] - edges[i] for i in range(0, len(edges), 2))
+                    blocked.append({"segment_mib": size / 2 ** 20, "largest_gap_mib": gap / 2 ** 20,
+                                    "live": [{"mib": n / 2 ** 20, "where": w} for _, (n, w) in inside]})
+                if blocked:
+                    misses.append({"segment_mib": pending["size"] / 2 ** 20, "request_mib": event["size"] / 2 ** 20,
+                                   "where": pending["where"], "blocked": blocked})
+                segments[pending["addr"]] = pending["size"]
+                pending = None
+            live[addr] = (event["size"], _where(event.get("frames") or []))
+        elif action == "free_completed":
+            live.pop(addr, None)
+    return misses
+
+
 def measure(args: argparse.Namespace) -> Dict[str, Any]:
     """In this process: one engine, one profiled prefill; the peak of live bytes the step created."""
     import torch
@@ -98,7 +140,8 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
                 snapshot = torch.cuda.memory._snapshot()
                 torch.cuda.memory._record_memory_history(enabled=None)
                 traces = snapshot.get("device_traces") or [[]]
-                sizing["profile_segments"] = new_segments(traces[torch.cuda.current_device()])
+                trace = traces[torch.cuda.current_device()]
+                sizing["profile_segments"] = {**new_segments(trace), "misses": segment_misses(trace)}
             return blocks
 
         Worker.determine_num_available_blocks = determine_and_record
@@ -214,6 +257,12 @@ def main(argv: List[str] | None = None) -> int:
             print(f"- {row['variant']}: {len(seg['segments'])} segments, {seg['reserved_peak_mib']:.1f} MiB")
             for one in seg["segments"][:8]:
                 print(f"    {one['mib']:9.1f} MiB  {one['where']}")
+            for miss in seg.get("misses", [])[:6]:  # a new segment although one as large was held: what sat in it
+                print(f"    new {miss['segment_mib']:.1f} MiB for {miss['request_mib']:.1f} MiB ({miss['where']}) "
+                      f"while held:")
+                for held in miss["blocked"][:3]:
+                    print(f"      {held['segment_mib']:.1f} MiB, largest gap {held['largest_gap_mib']:.1f}: " + "; ".join(
+                        f"{b['mib']:.1f} MiB {b['where']}" for b in held["live"][:4]))
     if args.out:
         out = Path(args.out)
         data = json.loads(out.read_text()) if out.exists() else []

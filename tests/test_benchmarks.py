@@ -224,6 +224,40 @@ def test_profile_segments_at_the_reserved_peak_name_the_code_that_made_them():
     assert forward_peak.new_segments([]) == {"reserved_peak_mib": 0.0, "segments": []}
 
 
+def test_a_new_segment_beside_a_held_one_as_large_names_what_sat_in_it():
+    """forward_peak.py --segments: where the allocator made a segment although it held a partly free one at least
+    as large, the blocks that occupied that one (and its largest free gap) are listed with the code that made
+    them; a segment made when none held was large enough, or when those were full, is no miss (synthetic trace,
+    as above)."""
+    import forward_peak
+
+    mib = 2 ** 20
+
+    def frames(name):
+        return [{"filename": f"/site/{name.split(':')[0]}", "line": int(name.split(':')[1]), "name": "f"}]
+
+    act, qkv = frames("body_forward.py:122"), frames("layers.py:42")
+    trace = [
+        {"action": "segment_alloc", "addr": 0, "size": 228 * mib, "frames": act},  # none held: no miss
+        {"action": "alloc", "addr": 0, "size": 228 * mib, "frames": act},
+        {"action": "segment_alloc", "addr": 1000 * mib, "size": 98 * mib, "frames": qkv},  # the 228 is full
+        {"action": "alloc", "addr": 1000 * mib, "size": 98 * mib, "frames": qkv},
+        {"action": "free_requested", "addr": 0, "size": 228 * mib},
+        {"action": "free_completed", "addr": 0, "size": 228 * mib},
+        {"action": "free_requested", "addr": 1000 * mib, "size": 98 * mib},
+        {"action": "free_completed", "addr": 1000 * mib, "size": 98 * mib},
+        {"action": "alloc", "addr": 20 * mib, "size": 66 * mib, "frames": qkv},  # best fit put it in the 228
+        {"action": "segment_alloc", "addr": 2000 * mib, "size": 228 * mib, "frames": act},
+        {"action": "alloc", "addr": 2000 * mib, "size": 228 * mib, "frames": act},
+    ]
+    (miss,) = forward_peak.segment_misses(trace)
+    assert (miss["segment_mib"], miss["request_mib"], miss["where"]) == (228, 228, "body_forward.py:122 f")
+    (held,) = miss["blocked"]  # the 98 MiB segment is smaller than the request: not listed
+    assert held == {"segment_mib": 228, "largest_gap_mib": 228 - 86,
+                    "live": [{"mib": 66, "where": "layers.py:42 f"}]}
+    assert forward_peak.segment_misses(trace[:4]) == []
+
+
 def test_smoke_run_end_to_end(checkpoints, tmp_path):
     """Both engines on a tiny Qwen2 (q/k/v biases, tied head), the smoke workloads, profiles at the end."""
     path = checkpoints("qwen2")

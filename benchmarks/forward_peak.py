@@ -97,13 +97,13 @@ def segment_misses(trace: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                     edges = [start] + [x for a, (n, _) in inside for x in (a, a + n)] + [start + size]
                     gap = max(edges[i + 1] - edges[i] for i in range(0, len(edges), 2))
                     blocked.append({"segment_mib": size / 2 ** 20, "largest_gap_mib": gap / 2 ** 20,
-                                    "live": [{"mib": n / 2 ** 20, "where": w} for _, (n, w) in inside]})
+                                    "live": [{"mib": n / 2 ** 20, "where": _where(f)} for _, (n, f) in inside]})
                 if blocked:
                     misses.append({"segment_mib": pending["size"] / 2 ** 20, "request_mib": event["size"] / 2 ** 20,
                                    "where": pending["where"], "blocked": blocked})
                 segments[pending["addr"]] = pending["size"]
                 pending = None
-            live[addr] = (event["size"], _where(event.get("frames") or []))
+            live[addr] = (event["size"], event.get("frames") or [])  # named only if it is ever listed
         elif action == "free_completed":
             live.pop(addr, None)
     return misses
@@ -207,6 +207,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--impl", help=argparse.SUPPRESS)  # set in the child process, with:
     p.add_argument("--load-format", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.segments and args.device != "cuda":
+        p.error("--segments reads the CUDA caching allocator's trace: add --device cuda")
     if args.impl:
         print("RESULT " + json.dumps(measure(args)))
         return 0
